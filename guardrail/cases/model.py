@@ -1,0 +1,96 @@
+"""The Case record: one per checked request, everything the harvest needs later.
+
+The schema is stated here once; stores persist it as JSON alongside a few indexed columns.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Action = Literal["pass", "intervened", "rewritten", "refused", "blocked", "error"]
+
+
+def new_case_id() -> str:
+    return f"case_{uuid.uuid4().hex}"
+
+
+class StepRecord(BaseModel):
+    index: int
+    channel: Literal["reasoning", "answer"]
+    text: str
+    round: int = 0
+    """0 for the model's first attempt; corrections number their rounds from 1."""
+    unsafe: bool | None = None
+    """None when the step was never judged (the stream stopped first)."""
+    categories: list[str] = Field(default_factory=list)
+    score: float | None = None
+    raw: str | None = None
+    error: str | None = None
+    latency_ms: float | None = None
+    released: bool = False
+
+
+class Flag(BaseModel):
+    """A flagged step as the client is told of it (no offending text)."""
+
+    step: int
+    categories: list[str] = Field(default_factory=list)
+    score: float | None = None
+
+
+class Correction(BaseModel):
+    """One correction round: what was cut, what replaced it."""
+
+    round: int
+    strategy: str
+    withheld: str = ""
+    inserted: str = ""
+    continuation: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Timings(BaseModel):
+    total_ms: float | None = None
+    upstream_first_token_ms: float | None = None
+    guard_total_ms: float = 0.0
+    guard_max_ms: float = 0.0
+
+
+class Case(BaseModel):
+    id: str = Field(default_factory=new_case_id)
+    created_at: float = Field(default_factory=time.time)
+    model: str | None = None
+    upstream: str | None = None
+    guard: str | None = None
+    mode: str | None = None
+    stream: bool = False
+    request: dict[str, Any] = Field(default_factory=dict)
+    steps: list[StepRecord] = Field(default_factory=list)
+    withheld: str = ""
+    """Model text the client never saw because a step was flagged (or judged after a flag)."""
+    client_reasoning: str = ""
+    client_content: str = ""
+    action: Action = "pass"
+    finish_reason: str | None = None
+    flagged: list[Flag] = Field(default_factory=list)
+    corrections: list[Correction] = Field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    timings: Timings = Field(default_factory=Timings)
+    error: str | None = None
+
+    @property
+    def checks(self) -> int:
+        return sum(1 for step in self.steps if step.unsafe is not None or step.error)
+
+
+class CaseSummary(BaseModel):
+    id: str
+    created_at: float
+    model: str | None
+    action: Action
+    flagged: int
+    error: str | None

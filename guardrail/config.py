@@ -1,0 +1,170 @@
+"""The one configuration: a YAML file validated by pydantic. Every field has a default that runs
+on a laptop; ``${VAR}`` (or ``${VAR:-default}``) reads secrets from the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from guardrail.errors import ConfigError
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Section(BaseModel):
+    # A misspelt key is a mistake the user wants to hear about, not silently ignore.
+    model_config = ConfigDict(extra="forbid")
+
+
+class UpstreamConfig(_Section):
+    kind: Literal["auto", "openai", "litellm", "demo"] = "auto"
+    """``auto``: ``demo`` without a url or model, ``openai`` with a url, ``litellm`` with only a
+    model string (``deepseek/deepseek-reasoner``, ``bedrock/...``)."""
+    url: str | None = None
+    """Base URL of an OpenAI-compatible server, e.g. ``http://127.0.0.1:8001/v1``."""
+    model: str | None = None
+    """Model sent upstream; requests naming another model are rewritten only if this is set."""
+    api_key: str | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest silence tolerated between two streamed chunks."""
+    think_start: Literal["auto", "reasoning", "answer"] = "auto"
+    """Where inline content begins when the upstream does not split reasoning into its own field:
+    ``reasoning`` for R1-style templates that put ``<think>`` in the prompt, ``answer`` for
+    models that never think, ``auto`` to decide from the tags (untagged leading text is held
+    until a ``</think>`` or the end shows what it was)."""
+
+    def resolved_kind(self) -> Literal["openai", "litellm", "demo"]:
+        if self.kind != "auto":
+            return self.kind
+        if self.url:
+            return "openai"
+        if self.model:
+            return "litellm"
+        return "demo"
+
+
+class GuardConfig(_Section):
+    kind: str = "embedded"
+    url: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+    on_error: Literal["block", "allow"] = "block"
+    timeout_s: float = Field(default=10.0, gt=0)
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    """A step is unsafe when its score reaches this (for guards that give a score)."""
+    window_steps: int = Field(default=4, ge=0)
+    """Earlier steps shown to the guard with each step: bounded, so cost grows linearly."""
+    max_request_chars: int = Field(default=2000, ge=1)
+    max_concurrency: int = Field(default=4, ge=1)
+    """Checks in flight at once for one stream."""
+
+
+class StreamConfig(_Section):
+    mode: Literal["strict", "fast"] = "strict"
+    split: Literal["sentence", "paragraph"] = "sentence"
+    max_step_chars: int = Field(default=600, ge=16)
+    min_step_chars: int = Field(default=24, ge=0)
+    """Shorter sentences are joined with the next one, so the guard sees enough to judge."""
+
+
+DEFAULT_REFUSAL = (
+    "I can't help with that. If you have a related question that doesn't involve causing harm, "
+    "I'm happy to help."
+)
+
+
+class CorrectionConfig(_Section):
+    strategy: str = "refuse"
+    refusal_message: str = DEFAULT_REFUSAL
+    max_rounds: int = Field(default=3, ge=0)
+
+
+class StoreConfig(_Section):
+    url: str = "sqlite:///data/cases.db"
+    fallback_path: str = "data/cases-unstored.jsonl"
+    """Where a case goes if the store cannot take it, so that no record is lost."""
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    admin_keys: list[str] = Field(default_factory=list)
+    reasoning_field: Literal["reasoning_content", "reasoning", "both", "hidden"] = (
+        "reasoning_content"
+    )
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+
+class Config(_Section):
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+def expand_env(value: Any, path: str = "") -> Any:
+    """Replace ``${VAR}`` in every string; a missing variable without a default is an error."""
+    if isinstance(value, dict):
+        return {key: expand_env(item, f"{path}.{key}" if path else str(key))
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_env(item, f"{path}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return _ENV_REFERENCE.sub(substitute, value)
+    return value
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    count = error.error_count()
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    return f"{field}: {first['msg']}{more}"
+
+
+def config_from_mapping(data: Any) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("(top level): expected a mapping of sections")
+    try:
+        return Config.model_validate(expand_env(data))
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; ``None`` gives the laptop defaults."""
+    if path is None:
+        return Config()
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{file}: not valid YAML ({error})") from None
+    try:
+        return config_from_mapping(data)
+    except ConfigError as error:
+        raise ConfigError(f"{file}: {error}") from None

@@ -1,0 +1,19 @@
+"""Correctors registered by name: ``refuse``, ``block`` (and, with the intervention work,
+``intervene`` and ``rewrite``)."""
+
+from __future__ import annotations
+
+from guardrail.config import CorrectionConfig
+from guardrail.correctors.base import CorrectionContext, CorrectionPlan, Corrector
+from guardrail.registry import Registry
+
+CORRECTORS: Registry[Corrector] = Registry("correction strategy")
+CORRECTORS.register_lazy("refuse", "guardrail.correctors.simple:RefuseCorrector")
+CORRECTORS.register_lazy("block", "guardrail.correctors.simple:BlockCorrector")
+
+
+def build_corrector(config: CorrectionConfig) -> Corrector:
+    return CORRECTORS.create(config.strategy, config)
+
+
+__all__ = ["CORRECTORS", "CorrectionContext", "CorrectionPlan", "Corrector", "build_corrector"]

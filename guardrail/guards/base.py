@@ -1,0 +1,56 @@
+"""The guard protocol: judge one step of a response, seen through a bounded view."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from guardrail.events import Channel
+
+
+@dataclass(frozen=True, slots=True)
+class GuardView:
+    """What a guard sees for one check: bounded, so cost grows linearly with the trace.
+
+    ``request`` is the user's request (truncated), ``context`` the few steps just before this
+    one, ``step`` the text being judged.
+    """
+
+    request: str
+    context: Sequence[str]
+    step: str
+    channel: Channel = "reasoning"
+
+    def response_text(self) -> str:
+        """The window of the response ending with the step under judgement."""
+        return "".join([*self.context, self.step])
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    unsafe: bool
+    categories: tuple[str, ...] = ()
+    score: float | None = None
+    """Probability-like confidence that the text is unsafe, where the backend gives one."""
+    raw: str | None = None
+    """The guard's own output, kept for the audit log."""
+    error: str | None = None
+    """Set when the guard failed and ``guard.on_error`` decided the verdict."""
+    latency_s: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+SAFE = Verdict(unsafe=False)
+
+
+class Guard(Protocol):
+    """A guard backend. ``check_many`` lets batching backends judge several steps at once."""
+
+    name: str
+
+    async def check(self, view: GuardView) -> Verdict: ...
+
+    async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Offline modules: harvest cases into training data, train, evaluate. Never imports server/."""
