@@ -18,7 +18,9 @@ STORES.register_lazy("postgres", "guardrail.cases.postgres_store:PostgresCaseSto
 def build_store(config: StoreConfig) -> CaseStore:
     scheme, separator, _ = config.url.partition("://")
     if not separator:
-        raise ConfigError(f"store.url: expected sqlite:///PATH or postgresql://..., got {config.url!r}")
+        raise ConfigError(
+            f"store.url: expected sqlite:///PATH or postgresql://..., got {config.url!r}"
+        )
     return STORES.create(scheme.split("+")[0], config.url)
 
 

@@ -1,0 +1,98 @@
+"""Records every case, even when the store cannot take it.
+
+A case the database refuses (down, locked, full, a value it cannot represent) is appended as one
+JSON line to a local fallback file instead, from which it can be replayed later: the record of
+what the guard saw is the raw material of the offline loop and must not be dropped because of an
+outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from guardrail.cases.base import CaseStore
+from guardrail.cases.model import Case
+
+logger = logging.getLogger(__name__)
+
+
+class CaseRecorder:
+    def __init__(
+        self,
+        store: CaseStore,
+        fallback_path: str | Path,
+        on_failure: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.fallback_path = Path(fallback_path)
+        self.on_failure = on_failure
+        # Lines from this process never interleave; O_APPEND keeps other processes' whole too.
+        self._lock = threading.Lock()
+
+    async def record(self, case: Case) -> bool:
+        """Store the case; True if the store took it, False if it went to the fallback file."""
+        try:
+            await self.store.put(case)
+        except asyncio.CancelledError:
+            # The request was cancelled mid-write (client gone, shutdown): whether the row
+            # landed is unknown, so keep a copy (a replay upserts by id, duplicates are harmless)
+            # and let the cancellation go on.
+            self._keep(case, "cancelled while storing")
+            raise
+        except Exception as exc:
+            logger.warning(
+                "case %s not stored (%s); appending it to %s", case.id, exc, self.fallback_path
+            )
+            await asyncio.to_thread(self._keep, case, str(exc))
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(exc)
+                except Exception:
+                    logger.exception("case recorder on_failure callback failed")
+            return False
+        return True
+
+    def _keep(self, case: Case, reason: str) -> None:
+        line = (case.model_dump_json() + "\n").encode()
+        try:
+            self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                descriptor = os.open(
+                    self.fallback_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+                )
+                try:
+                    view = memoryview(line)
+                    while view:  # one write in practice; the loop covers a short write
+                        view = view[os.write(descriptor, view):]
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+        except OSError:
+            # Both the store and the disk failed: the log is the last place left to keep it.
+            logger.exception(
+                "case %s lost by store (%s) and by fallback file %s; record follows: %s",
+                case.id, reason, self.fallback_path, line.decode().rstrip("\n"),
+            )
+
+
+def read_fallback(path: str | Path) -> list[Case]:
+    """The cases kept in a fallback file, in the order they were written (for replay)."""
+    cases: list[Case] = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return cases
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            cases.append(Case.model_validate_json(line))
+        except ValueError as exc:
+            # A line torn by a crash mid-write must not hide the others.
+            logger.warning("%s line %d is not a case, skipped: %s", path, number, exc)
+    return cases

@@ -1,0 +1,164 @@
+"""``guard.kind: llama-guard``: Llama Guard 3 behind an OpenAI-compatible endpoint.
+
+This is how Llama Guard is usually served: ``vllm serve meta-llama/Llama-Guard-3-1B`` (or -8B),
+then ``guard: {kind: llama-guard, url: http://host:8000/v1}``. Each check is one
+``POST /chat/completions`` with ``[user, assistant]`` messages; the server applies the model's own
+chat template, so the prompt is exactly the one the model was trained on.
+
+Deciding: the verdict text gives the categories, and the first word's logprobs give a score,
+P(unsafe) / (P(unsafe) + P(safe)) (the model card's recipe). When a score is available the step
+is unsafe iff ``score >= guard.threshold``, even where it disagrees with the text: the text is the
+greedy reading at 0.5, and the threshold is the user's knob for trading false positives against
+misses. Without logprobs the text decides, and the score is recorded as 1.0 / 0.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from guardrail.config import GuardConfig
+from guardrail.errors import ConfigError, GuardError
+from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.llama_guard_format import build_messages, parse_verdict, score_from_logprobs
+
+DEFAULT_MODEL = "meta-llama/Llama-Guard-3-1B"
+MAX_TOKENS = 20
+"""Room for ``\\n\\nunsafe\\nS1,S2,...``; the model stops by itself well before."""
+TOP_LOGPROBS = 5
+_BODY_IN_ERRORS = 300
+
+
+class LlamaGuardEndpoint:
+    name = "llama-guard"
+
+    def __init__(self, config: GuardConfig) -> None:
+        if not config.url:
+            raise ConfigError(
+                "guard.url: the llama-guard guard needs the base URL of an OpenAI-compatible "
+                "server serving Llama Guard 3, e.g. http://127.0.0.1:8000/v1"
+            )
+        self.config = config
+        self.model = config.model or DEFAULT_MODEL
+        self.url = config.url.rstrip("/") + "/chat/completions"
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._client = httpx.AsyncClient(
+            headers=headers, timeout=httpx.Timeout(config.timeout_s)
+        )
+
+    def _payload(self, view: GuardView) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": build_messages(view),
+            "temperature": 0,
+            "max_tokens": MAX_TOKENS,
+            "logprobs": True,
+            "top_logprobs": TOP_LOGPROBS,
+        }
+
+    async def check(self, view: GuardView) -> Verdict:
+        started = time.perf_counter()
+        body = await self._post(self._payload(view))
+        text, logprobs = _read_choice(body)
+        text_unsafe, categories = parse_verdict(text)
+        score = score_from_logprobs(logprobs)
+        extra: dict[str, str] = {"model": self.model}
+        if score is None:
+            unsafe = text_unsafe
+            score = 1.0 if text_unsafe else 0.0
+            extra["score_source"] = "verdict"
+        else:
+            unsafe = score >= self.config.threshold
+            extra["score_source"] = "logprobs"
+        if unsafe != text_unsafe:
+            # Kept so the audit log shows where the threshold overrode the model's own words.
+            extra["text_verdict"] = "unsafe" if text_unsafe else "safe"
+        if categories and not unsafe:
+            extra["text_categories"] = ",".join(categories)
+        return Verdict(
+            unsafe=unsafe,
+            categories=categories if unsafe else (),
+            score=score,
+            raw=text,
+            latency_s=time.perf_counter() - started,
+            extra=extra,
+        )
+
+    async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
+        """All at once: the server batches concurrent requests (vLLM continuous batching).
+
+        Every check finishes before an error is raised, so no request is left running.
+        """
+        results = await asyncio.gather(*(self.check(view) for view in views),
+                                       return_exceptions=True)
+        verdicts: list[Verdict] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            verdicts.append(result)
+        return verdicts
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _post(self, payload: dict[str, Any]) -> Any:
+        where = f"llama-guard at {self.url}"
+        try:
+            # httpx's timeout bounds each phase; this bounds the whole check.
+            async with asyncio.timeout(self.config.timeout_s):
+                response = await self._client.post(self.url, json=payload)
+        except TimeoutError:
+            raise GuardError(f"{where}: no answer within {self.config.timeout_s:g}s") from None
+        except httpx.TimeoutException as error:
+            raise GuardError(
+                f"{where}: timed out after {self.config.timeout_s:g}s ({type(error).__name__})"
+            ) from None
+        except httpx.ConnectError as error:
+            raise GuardError(f"{where}: cannot connect ({error})") from None
+        except httpx.HTTPError as error:
+            raise GuardError(f"{where}: request failed ({type(error).__name__}: {error})") from None
+        if response.status_code >= 400:
+            raise GuardError(
+                f"{where}: HTTP {response.status_code}: {_error_message(response)}"
+            )
+        try:
+            return response.json()
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            raise GuardError(
+                f"{where}: response is not JSON: {response.text[:_BODY_IN_ERRORS]!r}"
+            ) from None
+
+
+def _read_choice(body: Any) -> tuple[str, Any]:
+    """``choices[0].message.content`` and ``choices[0].logprobs`` of a chat completion."""
+    try:
+        choice = body["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise GuardError(
+            f"llama-guard: not a chat completion: {json.dumps(body)[:_BODY_IN_ERRORS]}"
+        ) from None
+    if not isinstance(content, str):
+        raise GuardError(f"llama-guard: message content is {type(content).__name__}, not text")
+    return content, choice.get("logprobs") if isinstance(choice, dict) else None
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The server's own words: vLLM answers ``{"error": {"message": ...}}`` (older versions put
+    ``message`` at the top level)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:_BODY_IN_ERRORS] or response.reason_phrase
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:_BODY_IN_ERRORS]
+        if isinstance(body.get("message"), str):
+            return str(body["message"])[:_BODY_IN_ERRORS]
+    return json.dumps(body)[:_BODY_IN_ERRORS]

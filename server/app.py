@@ -1,0 +1,70 @@
+"""The FastAPI application, built by ``create_app(config)``; nothing happens at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from guardrail import __version__
+from guardrail.config import Config
+from guardrail.errors import GuardrailError
+from server import admin, chat
+from server.body_limit import BodyLimitMiddleware
+from server.errors import guardrail_error_response, install_error_handlers
+from server.services import Services
+
+
+def create_app(config: Config | None = None) -> FastAPI:
+    config = config or Config()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await Services.start(config)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await services.aclose()
+
+    app = FastAPI(title="reasoning guardrail", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
+    app.include_router(chat.router)
+    app.include_router(admin.router)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        services: Services = request.app.state.services
+        services.auth.client(request)
+        try:
+            models = await services.upstream.list_models()
+        except GuardrailError as error:
+            return guardrail_error_response(error)
+        return JSONResponse({"object": "list", "data": models})
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> dict[str, Any]:
+        services: Services = request.app.state.services
+        return {
+            "status": "ok",
+            "version": __version__,
+            "upstream": services.upstream.name,
+            "guard": services.guard.name,
+            "mode": config.stream.mode,
+            "correction": services.corrector.name,
+            "store": services.store.name,
+        }
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        services: Services = request.app.state.services
+        return Response(generate_latest(services.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,213 @@
+"""``POST /v1/chat/completions``: validate, guard, and answer streamed or not.
+
+Both paths run the same guarded stream; the non-streamed answer is assembled from it. The case
+record is stored before the response ends, however it ends (a flag, an upstream failure, a
+client that leaves).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from guardrail.cases.model import Case
+from guardrail.errors import GuardrailError
+from guardrail.events import Finish, ResponseMeta, TextDelta, Usage
+from guardrail.monitor import GuardedStream, OutputEvent
+from guardrail.upstreams.base import ChatRequest
+from server.errors import ClientError, guardrail_error_response
+from server.protocol import (
+    ChatCompletionRequest,
+    ChunkWriter,
+    completion_body,
+    error_body,
+    guardrail_summary,
+)
+from server.services import Services
+from server.streaming import SSE_DONE, DisconnectAwareStreamingResponse, sse_event
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+CASE_HEADER = "x-guardrail-case-id"
+
+
+def _parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ClientError(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ClientError(400, "request body must be a JSON object")
+    try:
+        parsed = ChatCompletionRequest.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ClientError(400, f"{field}: {first['msg']}", param=field) from None
+    return body, parsed
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    services: Services = request.app.state.services
+    services.auth.client(request)
+    body, parsed = _parse_body(await request.body())
+    config = services.config
+    model = config.upstream.model or parsed.model or "unknown"
+    case = Case(model=model, upstream=services.upstream.name, stream=parsed.stream, request=body)
+    headers = {CASE_HEADER: case.id}
+    monitor = GuardedStream(
+        request=ChatRequest(body=body), upstream=services.upstream, guard=services.guard,
+        corrector=services.corrector, config=config, metrics=services.metrics, case=case,
+    )
+    events = monitor.events()
+    writer = ChunkWriter(f"chatcmpl-{case.id.removeprefix('case_')}", model,
+                         config.server.reasoning_field)
+    try:
+        # Wait for the upstream's first event, so an upstream that cannot be reached is an HTTP
+        # error (502) rather than a stream that starts and then fails.
+        first = await anext(events)
+    except GuardrailError as error:
+        await _finish(services, case, events, error=error)
+        return guardrail_error_response(error, headers=headers)
+    except BaseException:
+        await _finish(services, case, events)
+        raise
+    if parsed.stream:
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        stream = _sse_stream(services, case, events, first, writer, include_usage)
+        return DisconnectAwareStreamingResponse(stream, media_type="text/event-stream",
+                                                headers={**headers, "cache-control": "no-cache"})
+    return await _complete(services, case, events, first, writer, headers)
+
+
+async def _sse_stream(
+    services: Services,
+    case: Case,
+    events: AsyncIterator[OutputEvent],
+    first: OutputEvent,
+    writer: ChunkWriter,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    error: GuardrailError | None = None
+    usage: dict[str, Any] | None = None
+    try:
+        if isinstance(first, ResponseMeta):
+            _adopt_meta(writer, first)
+        yield sse_event(writer.chunk({"role": "assistant", "content": ""}))
+        async for event in _prepend(first, events):
+            if isinstance(event, TextDelta):
+                chunk = writer.text(event.channel, event.text)
+                if chunk is not None:
+                    yield sse_event(chunk)
+            elif isinstance(event, Usage):
+                usage = event.data
+            elif isinstance(event, Finish):
+                last_extra = {} if include_usage else {"guardrail": guardrail_summary(case)}
+                yield sse_event(writer.chunk({}, event.reason, **last_extra))
+                if include_usage:
+                    yield sse_event(writer.chunk(None, usage=usage,
+                                                 guardrail=guardrail_summary(case)))
+        yield SSE_DONE
+    except GuardrailError as failure:
+        error = failure
+        _mark_error(case, failure)
+        body = error_body(str(failure), failure.error_type, code=failure.code)
+        yield sse_event({**body, "guardrail": guardrail_summary(case)})
+        yield SSE_DONE
+    finally:
+        await _finish(services, case, events, error=error)
+
+
+async def _complete(
+    services: Services,
+    case: Case,
+    events: AsyncIterator[OutputEvent],
+    first: OutputEvent,
+    writer: ChunkWriter,
+    headers: dict[str, str],
+) -> Response:
+    reasoning: list[str] = []
+    content: list[str] = []
+    usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    try:
+        async for event in _prepend(first, events):
+            if isinstance(event, TextDelta):
+                (reasoning if event.channel == "reasoning" else content).append(event.text)
+            elif isinstance(event, ResponseMeta):
+                _adopt_meta(writer, event)
+            elif isinstance(event, Usage):
+                usage = event.data
+            elif isinstance(event, Finish):
+                finish_reason = event.reason
+    except GuardrailError as error:
+        _mark_error(case, error)
+        await _finish(services, case, events, error=error)
+        response = guardrail_error_response(error, headers=headers)
+        return response
+    await _finish(services, case, events)
+    body = completion_body(writer, reasoning="".join(reasoning), content="".join(content),
+                           finish_reason=finish_reason, usage=usage, case=case)
+    return JSONResponse(body, headers=headers)
+
+
+async def _prepend(first: OutputEvent, rest: AsyncIterator[OutputEvent]
+                   ) -> AsyncIterator[OutputEvent]:
+    yield first
+    async for event in rest:
+        yield event
+
+
+def _adopt_meta(writer: ChunkWriter, meta: ResponseMeta) -> None:
+    """Keep the upstream's identity for the response, as a transparent proxy should."""
+    if meta.id:
+        writer.id = meta.id
+    if meta.model:
+        writer.model = meta.model
+    if meta.created:
+        writer.created = meta.created
+    writer.system_fingerprint = meta.system_fingerprint
+
+
+def _mark_error(case: Case, error: BaseException) -> None:
+    case.action = "error"
+    case.error = f"{type(error).__name__}: {error}"
+
+
+async def _finish(
+    services: Services,
+    case: Case,
+    events: AsyncIterator[OutputEvent],
+    error: BaseException | None = None,
+) -> None:
+    """Stop the guarded stream, count the outcome and store the case: shielded, so a client
+    that leaves cannot cut it short."""
+    with anyio.CancelScope(shield=True):
+        finished_normally = case.finish_reason is not None or error is not None
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if error is not None and case.error is None:
+            _mark_error(case, error)
+        if not finished_normally and case.error is None:
+            case.error = "client disconnected before the response ended"
+            services.metrics.errors.labels("client_disconnect").inc()
+        if error is not None:
+            services.metrics.errors.labels("upstream").inc()
+        if case.timings.total_ms is None:
+            case.timings.total_ms = (time.time() - case.created_at) * 1000
+        metrics = services.metrics
+        metrics.actions.labels(case.action).inc()
+        status = "error" if case.action == "error" else "ok"
+        metrics.requests.labels(str(case.stream).lower(), status).inc()
+        await services.recorder.record(case)

@@ -1,0 +1,59 @@
+"""Everything the routes need, built once at start-up from one validated config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from guardrail.cases import CaseStore, build_store
+from guardrail.cases.recorder import CaseRecorder
+from guardrail.config import Config
+from guardrail.correctors import Corrector, build_corrector
+from guardrail.guards import Guard, build_guard
+from guardrail.metrics import Metrics
+from guardrail.upstreams import Upstream, build_upstream
+from server.auth import Authenticator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Services:
+    config: Config
+    upstream: Upstream
+    guard: Guard
+    corrector: Corrector
+    store: CaseStore
+    recorder: CaseRecorder
+    metrics: Metrics
+    auth: Authenticator
+
+    @classmethod
+    async def start(cls, config: Config) -> Services:
+        metrics = Metrics()
+        corrector = build_corrector(config.correction)
+        store = build_store(config.store)
+        await store.open()
+        upstream = build_upstream(config.upstream)
+        guard = build_guard(config.guard)
+        warm_up = getattr(guard, "warm_up", None)
+        if warm_up is not None:
+            # Load the guard's model now, not on the first request (off the event loop).
+            result = warm_up()
+            if asyncio.iscoroutine(result):
+                await result
+
+        def on_store_failure(error: Exception) -> None:
+            metrics.case_store_failures.inc()
+            metrics.errors.labels("case_store").inc()
+
+        recorder = CaseRecorder(store, config.store.fallback_path, on_failure=on_store_failure)
+        return cls(config, upstream, guard, corrector, store, recorder, metrics,
+                   Authenticator(config.server))
+
+    async def aclose(self) -> None:
+        for close in (self.upstream.aclose, self.guard.aclose, self.store.aclose):
+            with contextlib.suppress(Exception):
+                await close()
