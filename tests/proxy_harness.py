@@ -1,0 +1,115 @@
+"""Runs the real proxy (create_app + uvicorn on loopback) against fakes that speak the real wire
+formats: a vLLM-like model server and a Llama Guard served the vLLM way."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from guardrail.config import Config, config_from_mapping
+from server.app import create_app
+from tests.fakes.llama_guard_server import FakeLlamaGuard
+from tests.fakes.loopback import serve_app
+from tests.fakes.openai_server import FakeOpenAIApp, FakeReply, create_fake_openai_app
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class Proxy:
+    url: str
+    config: Config
+    upstream: FakeOpenAIApp
+    guard: FakeLlamaGuard
+    store_path: Path
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def chat(self, content: str = "hello", **body: Any) -> httpx.Response:
+        payload = {"model": "fake-model", "messages": [{"role": "user", "content": content}],
+                   **body}
+        return self.client.post("/v1/chat/completions", json=payload)
+
+    def stream_raw(self, content: str = "hello", **body: Any) -> tuple[httpx.Response, bytes]:
+        payload = {"model": "fake-model", "messages": [{"role": "user", "content": content}],
+                   "stream": True, **body}
+        with self.client.stream("POST", "/v1/chat/completions", json=payload) as response:
+            raw = response.read()
+        return response, raw
+
+    def case(self, case_id: str) -> dict[str, Any]:
+        response = self.client.get(f"/admin/cases/{case_id}", headers=self.admin_headers())
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def admin_headers(self) -> dict[str, str]:
+        keys = self.config.server.admin_keys
+        return {"authorization": f"Bearer {keys[0]}"} if keys else {}
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    """The JSON payloads of an SSE body, and the string "[DONE]"."""
+    events: list[Any] = []
+    for block in raw.decode().split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def streamed_text(events: list[Any]) -> tuple[str, str]:
+    reasoning, content = [], []
+    for event in events:
+        if isinstance(event, dict):
+            for choice in event.get("choices", []):
+                delta = choice.get("delta", {})
+                reasoning.append(delta.get("reasoning_content") or "")
+                content.append(delta.get("content") or "")
+    return "".join(reasoning), "".join(content)
+
+
+@contextmanager
+def running_proxy(
+    tmp_path: Path,
+    reply: FakeReply | None = None,
+    *,
+    guard: str = "llama-guard",
+    overrides: dict[str, Any] | None = None,
+    fake_guard: FakeLlamaGuard | None = None,
+    upstream_app: FakeOpenAIApp | None = None,
+) -> Iterator[Proxy]:
+    fake_guard = fake_guard or FakeLlamaGuard()
+    upstream_app = upstream_app or create_fake_openai_app(reply or FakeReply())
+    with ExitStack() as stack:
+        upstream_url = stack.enter_context(serve_app(upstream_app))
+        guard_url = stack.enter_context(serve_app(fake_guard.app()))
+        store_path = tmp_path / "cases.db"
+        data = {
+            "upstream": {"url": f"{upstream_url}/v1"},
+            "guard": {"kind": guard, "url": f"{guard_url}/v1", "timeout_s": 5},
+            "store": {"url": f"sqlite:///{store_path}",
+                      "fallback_path": str(tmp_path / "unstored.jsonl")},
+        }
+        config = config_from_mapping(merge(data, overrides or {}))
+        url = stack.enter_context(serve_app(create_app(config)))
+        proxy = Proxy(url, config, upstream_app, fake_guard, store_path)
+        stack.callback(proxy.client.close)
+        yield proxy
