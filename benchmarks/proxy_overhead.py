@@ -1,10 +1,10 @@
-"""Proxy overhead: the same requests sent straight to a vLLM-like fake model server and through
-the proxy (no guard; and strict mode with a Llama Guard endpoint fake), all on loopback.
+"""Proxy overhead: the same requests sent straight to a vLLM-like fake model server and
+through the proxy (no guard; and strict mode with a Llama Guard endpoint fake), on loopback.
 
 Prints p50/p95 of the whole-response latency (non-streamed) and the time to the first content
-byte (streamed). The fake model answers instantly, so the figures are the proxy's own cost. Every server runs in
-this one Python process (threads sharing the GIL and two cores), which inflates every row that
-involves more servers: read the rows as upper bounds, not as the cost in a deployment.
+byte (streamed). The fake model answers instantly, so the figures are the proxy's own cost.
+Every server runs in this one Python process (threads sharing the GIL and two cores), which
+inflates every row that involves more servers: read the rows as upper bounds.
 
     .venv/bin/python -m benchmarks.proxy_overhead [--requests 200]
 """

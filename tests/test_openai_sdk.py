@@ -73,13 +73,13 @@ def test_sync_streaming_shows_reasoning_then_answer(proxy_url: str) -> None:
 
 
 def test_sync_client_mistakes_are_typed_errors(proxy_url: str) -> None:
-    with openai.OpenAI(base_url=proxy_url, api_key="wrong", max_retries=0) as client:
-        with pytest.raises(openai.AuthenticationError):
-            client.chat.completions.create(model="fake-model",
-                                           messages=[{"role": "user", "content": "hi"}])
-    with openai.OpenAI(base_url=proxy_url, api_key="sk-client", max_retries=0) as client:
-        with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model="fake-model", messages=[])
+    with (openai.OpenAI(base_url=proxy_url, api_key="wrong", max_retries=0) as client,
+          pytest.raises(openai.AuthenticationError)):
+        client.chat.completions.create(model="fake-model",
+                                       messages=[{"role": "user", "content": "hi"}])
+    with (openai.OpenAI(base_url=proxy_url, api_key="sk-client", max_retries=0) as client,
+          pytest.raises(openai.BadRequestError) as caught):
+        client.chat.completions.create(model="fake-model", messages=[])
         assert "messages" in str(caught.value)
 
 

@@ -1,0 +1,224 @@
+"""Any OpenAI-compatible chat completions server: vLLM, DeepSeek, SGLang, llama.cpp, OpenAI.
+
+Always streams (the proxy guards text as it arrives), forwards every field of the client's body
+(unknown ones included: ``continue_final_message``, ``structured_outputs``, ``cache_salt`` must
+reach vLLM), and maps transport failures onto the library's exception tree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any, cast
+
+import httpx
+
+from guardrail.config import UpstreamConfig
+from guardrail.errors import (
+    ConfigError,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from guardrail.events import UpstreamEvent
+from guardrail.upstreams.base import ChatRequest
+from guardrail.upstreams.chunks import ChunkMapper
+from guardrail.upstreams.sse import SSEDecoder
+
+logger = logging.getLogger(__name__)
+
+# Request headers from the client that must not be forwarded: they describe the client's own
+# connection or credentials, not the request.
+_NOT_FORWARDED = frozenset(
+    {
+        "authorization", "host", "content-length", "content-type", "connection",
+        "transfer-encoding", "accept-encoding", "keep-alive", "upgrade", "te", "trailer",
+        "proxy-authorization", "cookie",
+    }
+)
+
+
+def http_error_message(response: httpx.Response) -> str:
+    """The message of an OpenAI-shaped error body (``{"error": {"message": ...}}``), or of the
+    shapes vLLM and FastAPI use (``{"message": ...}``, ``{"detail": ...}``), else the status."""
+    fallback = f"upstream answered HTTP {response.status_code}"
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        text = response.text.strip()
+        return f"{fallback}: {text[:300]}" if text else fallback
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str) and error:
+            return error
+        for key in ("message", "detail"):
+            if isinstance(body.get(key), str) and body[key]:
+                return str(body[key])
+    return fallback
+
+
+def map_transport_error(error: httpx.TransportError, *, started: bool) -> UpstreamError:
+    """Translate an httpx failure; ``started``: the response had begun streaming."""
+    if isinstance(error, httpx.TimeoutException) and not isinstance(
+        error, httpx.ConnectTimeout | httpx.PoolTimeout
+    ):
+        return UpstreamTimeout(f"upstream did not answer in time ({type(error).__name__})")
+    if started:
+        return UpstreamStreamBroken(f"upstream stream broke off: {error or type(error).__name__}")
+    return UpstreamUnavailable(f"upstream unreachable: {error or type(error).__name__}")
+
+
+class OpenAICompatibleUpstream:
+    name = "openai"
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        if not config.url:
+            raise ConfigError("upstream.url: required for the openai upstream")
+        self.config = config
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        timeout = httpx.Timeout(
+            connect=config.connect_timeout_s,
+            read=config.read_timeout_s,
+            write=config.read_timeout_s,
+            pool=config.connect_timeout_s,
+        )
+        # base_url gets a trailing slash from httpx, so relative paths append to it (``/v1``).
+        self._client = httpx.AsyncClient(base_url=config.url, headers=headers, timeout=timeout)
+
+    def build_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The body sent upstream: the client's, forced to stream with usage."""
+        body = dict(request.body)
+        body["stream"] = True
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}
+        if self.config.model:
+            body["model"] = self.config.model
+        return body
+
+    def _forwarded_headers(self, request: ChatRequest) -> dict[str, str]:
+        return {
+            key: value
+            for key, value in request.headers.items()
+            if key.lower() not in _NOT_FORWARDED
+        }
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[UpstreamEvent]:
+        http_request = self._client.build_request(
+            "POST",
+            "chat/completions",
+            json=self.build_body(request),
+            headers={**self._forwarded_headers(request), "Accept": "text/event-stream"},
+        )
+        try:
+            response = await self._client.send(http_request, stream=True)
+        except httpx.TransportError as error:
+            raise map_transport_error(error, started=False) from error
+        # ``finally`` closes the response whatever happens, including aclose()/cancellation of
+        # this generator: closing an unfinished streamed response drops the connection, which is
+        # how vLLM learns to abort the generation.
+        try:
+            if response.status_code >= 400:
+                await self._raise_http_error(response)
+            mapper = ChunkMapper(self.config.think_start)
+            if response.headers.get("content-type", "").startswith("application/json"):
+                # A server that ignored ``stream: true`` and answered in one piece.
+                for event in await self._whole_response_events(response, mapper):
+                    yield event
+                return
+            done = False
+            async with aclosing(_sse_payloads(response)) as payloads:
+                async for payload in payloads:
+                    if payload.strip() == "[DONE]":
+                        done = True
+                        break
+                    for event in mapper.feed(_parse_chunk(payload)):
+                        yield event
+            if not done and not mapper.finished:
+                raise UpstreamStreamBroken(
+                    "upstream stream ended without [DONE] or a finish reason"
+                )
+            for event in mapper.end():
+                yield event
+        finally:
+            await response.aclose()
+
+    @staticmethod
+    async def _whole_response_events(
+        response: httpx.Response, mapper: ChunkMapper
+    ) -> list[UpstreamEvent]:
+        try:
+            await response.aread()
+        except httpx.TransportError as error:
+            raise map_transport_error(error, started=True) from error
+        completion = _parse_chunk(response.text)
+        choices = completion.get("choices")
+        as_chunk = dict(completion)
+        if isinstance(choices, list):
+            as_chunk["choices"] = [
+                {**choice, "delta": choice.get("message") or {}}
+                for choice in choices
+                if isinstance(choice, dict)
+            ]
+        return [*mapper.feed(as_chunk), *mapper.end()]
+
+    async def _raise_http_error(self, response: httpx.Response) -> None:
+        try:
+            await response.aread()
+        except httpx.TransportError as error:
+            raise UpstreamHTTPError(
+                f"upstream answered HTTP {response.status_code}", response.status_code
+            ) from error
+        raise UpstreamHTTPError(http_error_message(response), response.status_code)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        try:
+            response = await self._client.get("models")
+        except httpx.TransportError as error:
+            raise map_transport_error(error, started=False) from error
+        if response.status_code >= 400:
+            raise UpstreamHTTPError(http_error_message(response), response.status_code)
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UpstreamHTTPError("upstream /models answered with invalid JSON", 502) from error
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamHTTPError("upstream /models answered without a data list", 502)
+        return [item for item in data if isinstance(item, dict)]
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+async def _sse_payloads(response: httpx.Response) -> AsyncGenerator[str, None]:
+    """The ``data`` payloads of a streamed response; transport failures mean a broken stream."""
+    decoder = SSEDecoder()
+    lines = cast(AsyncGenerator[str, None], response.aiter_lines())
+    try:
+        async with aclosing(lines):
+            async for line in lines:
+                payload = decoder.feed_line(line)
+                if payload is not None:
+                    yield payload
+    except httpx.TransportError as error:
+        raise map_transport_error(error, started=True) from error
+    payload = decoder.flush()
+    if payload is not None:
+        yield payload
+
+
+def _parse_chunk(payload: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(payload)
+    except json.JSONDecodeError as error:
+        raise UpstreamStreamBroken(f"upstream sent a malformed chunk: {payload[:200]!r}") from error
+    if not isinstance(chunk, dict):
+        raise UpstreamStreamBroken(f"upstream sent a non-object chunk: {payload[:200]!r}")
+    return chunk
