@@ -122,11 +122,13 @@ def expand_env(value: Any, path: str = "") -> Any:
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
-            if name in os.environ:
-                return os.environ[name]
-            if default is not None:
+            found = os.environ.get(name)
+            # As in the shell and docker compose: ``:-`` uses the default when unset or empty.
+            if default is not None and not found:
                 return default
-            raise ConfigError(f"{path}: environment variable {name} is not set")
+            if found is None:
+                raise ConfigError(f"{path}: environment variable {name} is not set")
+            return found
 
         return _ENV_REFERENCE.sub(substitute, value)
     return value
@@ -151,6 +153,15 @@ def config_from_mapping(data: Any) -> Config:
         raise ConfigError(_describe(error)) from None
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message spans several lines; the start-up error must be one."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
 def load_config(path: str | Path | None) -> Config:
     """Read and validate a config file; ``None`` gives the laptop defaults."""
     if path is None:
@@ -163,7 +174,7 @@ def load_config(path: str | Path | None) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{file}: not valid YAML ({error})") from None
+        raise ConfigError(f"{file}: not valid YAML ({_yaml_problem(error)})") from None
     try:
         return config_from_mapping(data)
     except ConfigError as error:

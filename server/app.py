@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guardrail import __version__
 from guardrail.config import Config
-from guardrail.errors import GuardrailError
+from guardrail.errors import ConfigError, GuardrailError
 from server import admin, chat
 from server.body_limit import BodyLimitMiddleware
 from server.errors import guardrail_error_response, install_error_handlers
@@ -24,7 +24,12 @@ def create_app(config: Config | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await Services.start(config)
+        try:
+            services = await Services.start(config)
+        except ConfigError as error:
+            # Kept for ``guardrail serve``, which reports it as one line, not a traceback.
+            app.state.startup_error = error
+            raise
         app.state.services = services
         try:
             yield

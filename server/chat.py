@@ -45,15 +45,35 @@ def _parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ClientError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ClientError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ClientError(400, "request body must be a JSON object")
     try:
         parsed = ChatCompletionRequest.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "body"
+        field = _field_path(body, first["loc"]) or "body"
         raise ClientError(400, f"{field}: {first['msg']}", param=field) from None
     return body, parsed
+
+
+def _field_path(body: Any, loc: tuple[int | str, ...]) -> str:
+    """The client's field an error is about. pydantic's location also names the union member
+    it tried (``messages.1.content.str``); those parts are not in the body, so the path stops
+    where the body does, keeping a last part that is missing (a required field)."""
+    parts: list[str] = []
+    value = body
+    for position, part in enumerate(loc):
+        present = (isinstance(value, dict) and part in value) or (
+            isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value))
+        if not present:
+            if position == len(loc) - 1 and isinstance(value, dict):
+                parts.append(str(part))
+            break
+        value = value[part]
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 @router.post("/v1/chat/completions")

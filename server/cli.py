@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from guardrail.config import Config, load_config
-from guardrail.errors import ConfigError
+from guardrail.errors import ConfigError, UnknownBackendError
 
 
 def _describe_start(config: Config) -> str:
@@ -25,6 +26,27 @@ def _describe_start(config: Config) -> str:
             f"cases in {config.store.url.split('@')[-1]}")
 
 
+def check_backends(config: Config) -> None:
+    """Backend names are checked before anything starts, so a misspelt one is reported like
+    any other bad value: one line naming the field (the app would only fail in its start-up)."""
+    from guardrail.cases import STORES
+    from guardrail.correctors import CORRECTORS
+    from guardrail.guards import GUARDS
+
+    scheme, separator, _ = config.store.url.partition("://")
+    if not separator:
+        raise ConfigError(f"store.url: expected sqlite:///PATH or postgresql://..., "
+                          f"got {config.store.url!r}")
+    scheme = scheme.split("+")[0]
+    chosen = (("guard.kind", GUARDS, config.guard.kind),
+              ("correction.strategy", CORRECTORS, config.correction.strategy),
+              ("store.url", STORES, scheme))
+    for field, registry, name in chosen:
+        if name not in registry.names():
+            raise UnknownBackendError(f"{field}: unknown {registry.concept} {name!r}; "
+                                      f"known: {', '.join(registry.names())}")
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -32,8 +54,9 @@ def serve(args: argparse.Namespace) -> int:
                      if value is not None}
         if overrides:
             config.server = config.server.model_copy(update=overrides)
+        check_backends(config)
     except ConfigError as error:
-        print(f"guardrail: config error: {error}", file=sys.stderr)
+        _config_error(error)
         return 2
     import uvicorn
 
@@ -43,13 +66,39 @@ def serve(args: argparse.Namespace) -> int:
     print(_describe_start(config), file=sys.stderr, flush=True)
     print(f"guardrail: listening on http://{config.server.host}:{config.server.port}/v1",
           file=sys.stderr, flush=True)
+    app = create_app(config)
+    # A config error found only as the app starts (a backend missing its url, a guard model
+    # that cannot load) is reported as one line too, not as a traceback from the lifespan.
+    quiet = _QuietStartupFailure(app)
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    uvicorn_logger.addFilter(quiet)
     try:
-        uvicorn.run(create_app(config), host=config.server.host, port=config.server.port,
-                    log_level="info")
-    except ConfigError as error:
-        print(f"guardrail: config error: {error}", file=sys.stderr)
+        uvicorn.run(app, host=config.server.host, port=config.server.port, log_level="info")
+    except SystemExit:
+        startup_error = getattr(app.state, "startup_error", None)
+        if startup_error is None:
+            raise
+        _config_error(startup_error)
         return 2
+    finally:
+        uvicorn_logger.removeFilter(quiet)
     return 0
+
+
+def _config_error(error: Exception) -> None:
+    message = " ".join(str(error).split())  # one line, whatever the message holds
+    print(f"guardrail: config error: {message}", file=sys.stderr, flush=True)
+
+
+class _QuietStartupFailure(logging.Filter):
+    """Drops uvicorn's start-up failure logs once the app recorded a config error."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(self.app.state, "startup_error", None) is None
 
 
 def build_parser() -> argparse.ArgumentParser:

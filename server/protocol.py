@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from guardrail.cases.model import Case
 
@@ -32,10 +32,16 @@ class ChatCompletionRequest(BaseModel):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
+    """Strict: ``"stream": "yes"`` or ``1`` is a mistake to report, not a value to guess at."""
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1)
     """One choice per request: each is guarded as its own stream of steps."""
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, value: Any) -> Any:
+        return False if value is None else value  # the OpenAI API allows "stream": null
 
 
 class ErrorDetail(BaseModel):

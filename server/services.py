@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from guardrail.cases import CaseStore, build_store
@@ -34,16 +35,27 @@ class Services:
     async def start(cls, config: Config) -> Services:
         metrics = Metrics()
         corrector = build_corrector(config.correction)
-        store = build_store(config.store)
-        await store.open()
-        upstream = build_upstream(config.upstream)
-        guard = build_guard(config.guard)
-        warm_up = getattr(guard, "warm_up", None)
-        if warm_up is not None:
-            # Load the guard's model now, not on the first request (off the event loop).
-            result = warm_up()
-            if asyncio.iscoroutine(result):
-                await result
+        opened: list[Callable[[], Awaitable[None]]] = []
+        try:
+            store = build_store(config.store)
+            await store.open()
+            opened.append(store.aclose)
+            upstream = build_upstream(config.upstream)
+            opened.append(upstream.aclose)
+            guard = build_guard(config.guard)
+            opened.append(guard.aclose)
+            warm_up = getattr(guard, "warm_up", None)
+            if warm_up is not None:
+                # Load the guard's model now, not on the first request.
+                result = warm_up()
+                if asyncio.iscoroutine(result):
+                    await result
+        except BaseException:
+            # A failed start must not leave the store's connections or HTTP clients open.
+            for close in reversed(opened):
+                with contextlib.suppress(Exception):
+                    await close()
+            raise
 
         def on_store_failure(error: Exception) -> None:
             metrics.case_store_failures.inc()

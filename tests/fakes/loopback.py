@@ -82,9 +82,11 @@ def serve_app(
     *,
     lifespan: Literal["auto", "on", "off"] = "auto",
     log_level: str = "warning",
+    startup_timeout_s: float = 15.0,
 ) -> Iterator[str]:
     """Serve ``app`` for the duration of the block; yields the base URL."""
-    server = LoopbackServer(app, lifespan=lifespan, log_level=log_level)
+    server = LoopbackServer(app, lifespan=lifespan, log_level=log_level,
+                            startup_timeout_s=startup_timeout_s)
     server.start()
     try:
         yield server.url
