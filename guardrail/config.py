@@ -63,6 +63,10 @@ class GuardConfig(_Section):
     max_request_chars: int = Field(default=2000, ge=1)
     max_concurrency: int = Field(default=4, ge=1)
     """Checks in flight at once for one stream."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Settings only one backend understands (``device``, ``batch_size``, ``controversial``,
+    a cascade's stages, a judge's prompt...); each backend validates its own and names the
+    offending ``guard.options.<key>``."""
 
 
 class StreamConfig(_Section):
