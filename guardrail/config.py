@@ -63,6 +63,9 @@ class GuardConfig(_Section):
     max_request_chars: int = Field(default=2000, ge=1)
     max_concurrency: int = Field(default=4, ge=1)
     """Checks in flight at once for one stream."""
+    compliance_cues: bool = True
+    """Also flag a step that commits to carrying out a request the guard judges harmful (IPO's
+    compliance cue), so the cut comes at the commitment rather than at the first specifics."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Settings only one backend understands (``device``, ``batch_size``, ``controversial``,
     a cascade's stages, a judge's prompt...); each backend validates its own and names the
@@ -83,10 +86,45 @@ DEFAULT_REFUSAL = (
 )
 
 
+class RewriteConfig(_Section):
+    """The corrector model for ``correction.strategy: rewrite`` (and the rewrite fallback)."""
+
+    model: str | None = None
+    """A LiteLLM model string, e.g. ``openai/gpt-4.1`` or ``deepseek/deepseek-chat``."""
+    url: str | None = None
+    api_key: str | None = None
+    max_tokens: int = Field(default=2048, ge=1)
+
+
 class CorrectionConfig(_Section):
     strategy: str = "refuse"
+    """``refuse``, ``block``, ``intervene`` (cut, insert a safety trigger, let the same model go
+    on) or ``rewrite`` (a corrector model writes the rest)."""
     refusal_message: str = DEFAULT_REFUSAL
     max_rounds: int = Field(default=3, ge=0)
+    """Correction rounds in one response; a flag after the last one ends in a refusal."""
+    continuation: Literal["auto", "vllm", "deepseek-prefix", "completions", "restart", "none"] = (
+        "auto"
+    )
+    """How ``intervene`` asks the model to go on: ``vllm`` (``continue_final_message``),
+    ``deepseek-prefix`` (DeepSeek's beta prefix mode), ``completions`` (``/v1/completions`` with
+    the chat template rendered here), ``restart`` (a fresh request with an introspection
+    instruction, as CARE does), ``none`` (use ``fallback``). ``auto`` picks from the upstream."""
+    fallback: Literal["refuse", "rewrite"] = "refuse"
+    """What ``intervene`` does when the upstream cannot continue."""
+    chat_template: str | None = None
+    """For ``completions``: a known template (``deepseek-r1-distill``, ``qwen3``) or a path to a
+    Jinja file; by default guessed from the model name."""
+    continuation_url: str | None = None
+    """Base URL for continuations if not the upstream's (DeepSeek's prefix mode lives under
+    ``/beta``; derived from ``upstream.url`` when unset)."""
+    triggers: list[str] = Field(default_factory=list)
+    """Safety triggers; empty = the built-in pool (IPO-style)."""
+    category_triggers: dict[str, list[str]] = Field(default_factory=dict)
+    """Triggers for a guard category (``S11`` or ``self-harm``), tried before the pool."""
+    refuse_categories: list[str] = Field(default_factory=lambda: ["S4"])
+    """Categories refused outright, never continued (child sexual exploitation by default)."""
+    rewrite: RewriteConfig = Field(default_factory=RewriteConfig)
 
 
 class StoreConfig(_Section):

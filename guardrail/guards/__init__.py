@@ -29,7 +29,12 @@ GUARDS.register_lazy("cascade", "guardrail.guards.cascade:CascadeGuard")
 
 
 def build_guard(config: GuardConfig) -> Guard:
-    return GUARDS.create(config.kind, config)
+    guard = GUARDS.create(config.kind, config)
+    if config.compliance_cues and config.kind != "none":
+        from guardrail.guards.cues import ComplianceCueGuard
+
+        return ComplianceCueGuard(guard)
+    return guard
 
 
 __all__ = ["GUARDS", "SAFE", "Guard", "GuardView", "Verdict", "build_guard"]

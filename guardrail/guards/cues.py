@@ -1,0 +1,84 @@
+"""Compliance cues (IPO): the first sentence that commits to carrying out a harmful request.
+
+After such a sentence the chance of a safe continuation collapses, so the trace should be cut
+there, not later where the harmful specifics start. A step is a cue when its wording commits to
+help (rules below: fast, no model) AND the request it answers is itself judged harmful by the
+guard (once per request, cached). The wrapper adds this to any guard: a cue is reported as an
+unsafe verdict with the category ``compliance_cue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+
+from guardrail.guards.base import Guard, GuardView, Verdict
+
+# First-person commitments to produce the requested content, and answer openers that deliver it.
+_COMMITMENT = re.compile(
+    r"""(?ix)
+    \b(?:i'll|i\ will|i'm\ going\ to|i\ am\ going\ to|let\ me|let's|i\ can|i\ should)\s+
+      (?:now\s+|just\s+|go\ ahead\ and\s+|then\s+|first\s+)*
+      (?:help\ (?:them|you|him|her)\b|explain\ how|describe\ how|outline|lay\ out|walk\ (?:them|you)
+        |provide\ (?:the|a|detailed|step)|give\ (?:them|you)\ (?:the|a|step|detailed)
+        |write\ out\ (?:the|a)|list\ the\ (?:steps|materials|ingredients|chemicals)
+        |go\ through\ the\ (?:steps|process|procedure))
+    |\b(?:okay|ok|sure|alright|fine),?\s+(?:i'll|i\ will|let\ me|here(?:'s|\ is))\b
+    |\bhere(?:'s|\ is|\ are)\ (?:how|the\ steps|a\ step-by-step
+        |the\ (?:full\ )?(?:procedure|recipe|instructions))
+    |\bstep[-\ ]by[-\ ]step\b.*\b(?:synthes|make|build|assembl|hack|track|poison)
+    """
+)
+
+
+def commits_to_help(step: str) -> bool:
+    """The wording of ``step`` commits to producing what was asked (rules only)."""
+    return _COMMITMENT.search(step.replace("\u2019", "'")) is not None
+
+
+class ComplianceCueGuard:
+    """Wraps a guard: its verdicts, plus compliance cues in answers to harmful requests."""
+
+    def __init__(self, inner: Guard) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._request_verdicts: dict[str, asyncio.Task[Verdict]] = {}
+
+    async def check(self, view: GuardView) -> Verdict:
+        verdict = await self.inner.check(view)
+        if verdict.unsafe or not commits_to_help(view.step) or not view.request.strip():
+            return verdict
+        request = await self._judge_request(view.request)
+        if not request.unsafe:
+            return verdict
+        return Verdict(
+            unsafe=True,
+            categories=("compliance_cue", *request.categories),
+            score=max(request.score or 1.0, verdict.score or 0.0),
+            raw=f"compliance cue in answer to a harmful request; step: {verdict.raw}",
+            latency_s=verdict.latency_s,
+            extra={"cue": "true"},
+        )
+
+    async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
+        return list(await asyncio.gather(*(self.check(view) for view in views)))
+
+    async def _judge_request(self, request: str) -> Verdict:
+        # Judge the request as text on its own; shared by every step of the stream.
+        task = self._request_verdicts.get(request)
+        if task is None or (task.done() and task.cancelled()):
+            view = GuardView(request="", context=(), step=request, channel="reasoning")
+            task = asyncio.ensure_future(self.inner.check(view))
+            if len(self._request_verdicts) > 1024:
+                self._request_verdicts.clear()
+            self._request_verdicts[request] = task
+        return await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def warm_up(self) -> None:
+        warm_up = getattr(self.inner, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
