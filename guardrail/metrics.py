@@ -38,6 +38,28 @@ class Metrics:
             "guardrail_guard_errors", "Guard failures, and what on_error decided",
             ["guard", "kind", "decision"], registry=r,
         )
+        self.interventions = Counter(
+            "guardrail_interventions", "Corrections that continued the response",
+            ["strategy", "form"], registry=r,
+        )
+        self.correction_rounds = Histogram(
+            "guardrail_correction_rounds", "Correction rounds per corrected response",
+            buckets=(1, 2, 3, 4, 5, 8), registry=r,
+        )
+        self.recoveries = Counter(
+            "guardrail_correction_outcomes",
+            "How each continuation ended: recovered (judged safe), unsafe_again, failed",
+            ["outcome"], registry=r,
+        )
+        self.wait_tokens = Counter(
+            "guardrail_wait_tokens",
+            "Tokens generated but never shown because of a rollback (estimated)", registry=r,
+        )
+        self.intervention_latency = Histogram(
+            "guardrail_intervention_latency_seconds",
+            "From a flag to the first text of the correction", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.case_store_failures = Counter(
             "guardrail_case_store_failures", "Cases written to the fallback file instead",
             registry=r,

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from guardrail.cases.model import Case, Correction, Flag, StepRecord
 from guardrail.config import Config
-from guardrail.correctors import CorrectionContext, CorrectionPlan, Corrector
+from guardrail.correctors.base import CorrectionContext, CorrectionPlan, Corrector
 from guardrail.correctors.simple import RefuseCorrector
 from guardrail.errors import GuardError, UpstreamError, UpstreamStreamBroken
 from guardrail.events import Channel, Finish, ResponseMeta, TextDelta, UpstreamEvent, Usage
@@ -37,6 +38,13 @@ from guardrail.upstreams.base import ChatRequest, Upstream
 from guardrail.views import build_view, request_text
 
 logger = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free token count (words and punctuation): close enough for wait tokens."""
+    return len(_TOKEN.findall(text))
 
 OutputEvent = TextDelta | Finish | Usage | ResponseMeta
 
@@ -77,9 +85,18 @@ class _RoundState:
     splitters: dict[Channel, StepSplitter]
     queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
     steps: list[_Step] = field(default_factory=list)
+    number: int = 0
     flagged: _Flagged | None = None
     finish_reason: str | None = None
     withheld: str = ""
+    released_chars: int = 0
+    failure: BaseException | None = None
+    """A continuation that failed before showing anything (the response falls back)."""
+
+    def text(self) -> str:
+        """Everything the model wrote in this round."""
+        pending = "".join(splitter.pending for splitter in self.splitters.values())
+        return "".join(step.record.text for step in self.steps) + pending
 
 
 class GuardedStream:
@@ -118,21 +135,37 @@ class GuardedStream:
     async def events(self) -> AsyncIterator[OutputEvent]:
         source: AsyncIterator[UpstreamEvent] = self.upstream.stream(self.request)
         round_number = 0
+        correction: Correction | None = None  # the correction whose continuation is running
+        flagged_at: float | None = None
         try:
             while True:
-                state = self._new_round()
-                async for event in self._run_round(source, state, round_number):
-                    yield event
-                if state.flagged is None:
+                state = self._new_round(round_number)
+                # aclosing: if this generator is closed early (the client left), the round's
+                # clean-up (cancel the upstream and the checks) must run now, not at GC.
+                async with contextlib.aclosing(self._run_round(source, state, round_number)) as (
+                    round_events
+                ):
+                    async for event in round_events:
+                        if flagged_at is not None and isinstance(event, TextDelta):
+                            waited = time.perf_counter() - flagged_at
+                            self.metrics.intervention_latency.observe(waited)
+                            flagged_at = None
+                        yield event
+                if correction is not None:
+                    self._close_correction(correction, state)
+                if state.flagged is None and state.failure is None:
                     self.case.finish_reason = state.finish_reason
                     yield Finish(state.finish_reason)
                     return
-                plan = await self._plan_correction(state, round_number + 1)
+                flagged_at = time.perf_counter()
+                plan, correction = await self._plan_correction(state, round_number + 1)
                 for delta in plan.inserted:
                     self._note_released(delta)
+                    self._history.append(delta.text)
                     yield delta
                 if plan.continuation is None:
                     self.case.finish_reason = plan.finish_reason
+                    self._count_corrections()
                     yield Finish(plan.finish_reason)
                     return
                 source = plan.continuation
@@ -142,17 +175,17 @@ class GuardedStream:
 
     # -- one round: the upstream's text, guarded -------------------------------------------
 
-    def _new_round(self) -> _RoundState:
+    def _new_round(self, number: int) -> _RoundState:
         stream = self.config.stream
         splitters: dict[Channel, StepSplitter] = {
             channel: StepSplitter(stream.split, stream.max_step_chars, stream.min_step_chars)
             for channel in ("reasoning", "answer")
         }
-        return _RoundState(splitters=splitters)
+        return _RoundState(splitters=splitters, number=number)
 
     async def _run_round(
         self, source: AsyncIterator[UpstreamEvent], state: _RoundState, round_number: int
-    ) -> AsyncIterator[OutputEvent]:
+    ) -> AsyncGenerator[OutputEvent, None]:
         producer = asyncio.create_task(self._produce(source, state, round_number))
         judged_behind: list[_Step] = []  # fast mode: released before their verdict
         try:
@@ -167,6 +200,7 @@ class GuardedStream:
                         item.record.released = True
                         delta = TextDelta(item.record.channel, item.record.text)
                         self._note_released(delta)
+                        state.released_chars += len(delta.text)
                         yield delta
                     else:
                         item.record.released = True  # its chunks went out before it
@@ -181,6 +215,7 @@ class GuardedStream:
                     if state.flagged is not None:
                         return
                     self._note_released(item.delta)
+                    state.released_chars += len(item.delta.text)
                     yield item.delta
                 elif isinstance(item, ResponseMeta):
                     if not self._meta_sent:
@@ -194,6 +229,11 @@ class GuardedStream:
                 else:  # _End or _Failure: every verdict still out decides first
                     state.flagged = await self._first_unsafe(judged_behind)
                     if state.flagged is None and isinstance(item, _Failure):
+                        if round_number > 0 and state.released_chars == 0:
+                            # A continuation that failed before showing anything: the response
+                            # falls back to a refusal rather than ending in an error.
+                            state.failure = item.error
+                            return
                         raise item.error
                     return
         finally:
@@ -248,7 +288,7 @@ class GuardedStream:
             check: asyncio.Task[Verdict] | None = None
             if self._checking:
                 view = build_view(self._request_text, self._history, text, channel,
-                                  self.config.guard.window_steps)
+                                  self.config.guard.window_steps, round_number)
                 check = asyncio.create_task(self._check(view, record))
             self._history.append(text)
             step = _Step(record, check)
@@ -349,8 +389,20 @@ class GuardedStream:
 
     # -- after a flag ----------------------------------------------------------------------
 
-    async def _plan_correction(self, state: _RoundState, round_number: int) -> CorrectionPlan:
-        assert state.flagged is not None
+    async def _plan_correction(
+        self, state: _RoundState, round_number: int
+    ) -> tuple[CorrectionPlan, Correction]:
+        correction = Correction(round=round_number, strategy=self.corrector.name,
+                                withheld=state.withheld)
+        self.case.corrections.append(correction)
+        self.metrics.wait_tokens.inc(estimate_tokens(state.withheld))
+        if state.flagged is None:
+            # Only a failed continuation gets here: end with the refusal.
+            assert state.failure is not None
+            correction.extra["error"] = f"{type(state.failure).__name__}: {state.failure}"
+            self.metrics.errors.labels("continuation").inc()
+            return await self._apply(RefuseCorrector(self.config.correction), state,
+                                     round_number, correction)
         record, verdict = state.flagged.step.record, state.flagged.verdict
         self.case.flagged.append(
             Flag(step=record.index, categories=list(verdict.categories), score=verdict.score)
@@ -358,12 +410,20 @@ class GuardedStream:
         if verdict.error is not None:
             # The guard could not judge and on_error is block: end here, and say so.
             self.case.error = f"guard: {verdict.error}"
-            self.case.action = "error"
             self.metrics.errors.labels("guard").inc()
-            return CorrectionPlan(action="error", finish_reason="content_filter")
+            correction.strategy = "error"
+            return CorrectionPlan(action="error", finish_reason="content_filter"), correction
         corrector = self.corrector
         if round_number > self.config.correction.max_rounds:
             corrector = RefuseCorrector(self.config.correction)
+            correction.extra["reason"] = "max_rounds reached"
+        return await self._apply(corrector, state, round_number, correction)
+
+    async def _apply(
+        self, corrector: Corrector, state: _RoundState, round_number: int,
+        correction: Correction,
+    ) -> tuple[CorrectionPlan, Correction]:
+        flagged = state.flagged
         context = CorrectionContext(
             request=self.request,
             upstream=self.upstream,
@@ -371,20 +431,35 @@ class GuardedStream:
             released_reasoning=self.case.client_reasoning,
             released_answer=self.case.client_content,
             withheld=state.withheld,
-            verdict=verdict,
+            verdict=flagged.verdict if flagged else Verdict(unsafe=True),
             round=round_number,
+            channel=flagged.step.record.channel if flagged else "reasoning",
+            flagged_released=(flagged.step.record.text
+                              if flagged and flagged.step.record.released else ""),
         )
         plan = await corrector.plan(context)
         self.case.action = plan.action
-        self.case.corrections.append(
-            Correction(
-                round=round_number,
-                strategy=corrector.name,
-                withheld=state.withheld,
-                inserted="".join(delta.text for delta in plan.inserted),
-            )
-        )
-        return plan
+        correction.strategy = corrector.name
+        correction.inserted = "".join(delta.text for delta in plan.inserted)
+        correction.extra.update(plan.details)
+        if plan.continuation is not None:
+            self.metrics.interventions.labels(corrector.name,
+                                              plan.details.get("form", "")).inc()
+        return plan, correction
+
+    def _close_correction(self, correction: Correction, state: _RoundState) -> None:
+        """A continuation round ended: keep what it wrote and whether it stayed safe."""
+        correction.continuation = state.text()
+        recovered = state.flagged is None and state.failure is None
+        correction.extra["recovered"] = recovered
+        outcome = "recovered" if recovered else "failed" if state.failure else "unsafe_again"
+        self.metrics.recoveries.labels(outcome).inc()
+        if recovered:
+            self._count_corrections()
+
+    def _count_corrections(self) -> None:
+        if self.case.corrections:
+            self.metrics.correction_rounds.observe(len(self.case.corrections))
 
     def _note_released(self, delta: TextDelta) -> None:
         if delta.channel == "reasoning":

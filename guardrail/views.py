@@ -33,7 +33,9 @@ def request_text(messages: Sequence[dict[str, Any]], max_chars: int) -> str:
 
 
 def build_view(
-    request: str, history: Sequence[str], step: str, channel: Channel, window: int
+    request: str, history: Sequence[str], step: str, channel: Channel, window: int,
+    round_number: int = 0,
 ) -> GuardView:
     context = tuple(history[-window:]) if window else ()
-    return GuardView(request=request, context=context, step=step, channel=channel)
+    return GuardView(request=request, context=context, step=step, channel=channel,
+                     round=round_number)

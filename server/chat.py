@@ -124,7 +124,7 @@ async def _sse_stream(
         if isinstance(first, ResponseMeta):
             _adopt_meta(writer, first)
         yield sse_event(writer.chunk({"role": "assistant", "content": ""}))
-        async for event in _prepend(first, events):
+        async for event in _prepend(first, events):  # closed by _finish (events.aclose)
             if isinstance(event, TextDelta):
                 chunk = writer.text(event.channel, event.text)
                 if chunk is not None:
@@ -183,6 +183,7 @@ async def _complete(
 
 async def _prepend(first: OutputEvent, rest: AsyncIterator[OutputEvent]
                    ) -> AsyncIterator[OutputEvent]:
+    """``first``, then the rest. Holds no clean-up of its own: whoever owns ``rest`` closes it."""
     yield first
     async for event in rest:
         yield event

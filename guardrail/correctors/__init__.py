@@ -1,5 +1,5 @@
-"""Correctors registered by name: ``refuse``, ``block`` (and, with the intervention work,
-``intervene`` and ``rewrite``)."""
+"""Correctors registered by name: ``refuse``, ``block``, ``intervene`` (cut, safety trigger,
+the same model goes on) and ``rewrite`` (a corrector model writes the rest)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from guardrail.registry import Registry
 CORRECTORS: Registry[Corrector] = Registry("correction strategy")
 CORRECTORS.register_lazy("refuse", "guardrail.correctors.simple:RefuseCorrector")
 CORRECTORS.register_lazy("block", "guardrail.correctors.simple:BlockCorrector")
+CORRECTORS.register_lazy("intervene", "guardrail.correctors.intervene:InterveneCorrector")
+CORRECTORS.register_lazy("rewrite", "guardrail.correctors.rewrite:RewriteCorrector")
 
 
 def build_corrector(config: CorrectionConfig) -> Corrector:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from guardrail.cases.model import Action
 from guardrail.config import CorrectionConfig
-from guardrail.events import TextDelta, UpstreamEvent
+from guardrail.events import Channel, TextDelta, UpstreamEvent
 from guardrail.guards.base import Verdict
 from guardrail.upstreams.base import ChatRequest, Upstream
 
@@ -31,6 +31,10 @@ class CorrectionContext:
     verdict: Verdict
     round: int
     """1 for the first correction of a response."""
+    channel: Channel = "reasoning"
+    """Where the flagged step was: a cut in the answer continues the answer."""
+    flagged_released: str = ""
+    """Fast mode only: the flagged step's text, which the client already saw."""
 
 
 @dataclass(slots=True)
@@ -42,9 +46,13 @@ class CorrectionPlan:
     """Model text to guard and show after ``inserted``; None ends the response."""
     finish_reason: str | None = "stop"
     """Used when there is no continuation (a continuation reports its own)."""
+    details: dict[str, str] = field(default_factory=dict)
+    """What the case record should keep about this plan (the form used, the trigger...)."""
 
 
 class Corrector(Protocol):
     name: str
 
     async def plan(self, context: CorrectionContext) -> CorrectionPlan: ...
+
+    async def aclose(self) -> None: ...

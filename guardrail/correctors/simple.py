@@ -24,6 +24,9 @@ class RefuseCorrector:
             finish_reason="stop",
         )
 
+    async def aclose(self) -> None:
+        return None
+
 
 class BlockCorrector:
     """Ends the response where it stands, with finish_reason ``content_filter``."""
@@ -35,3 +38,6 @@ class BlockCorrector:
 
     async def plan(self, context: CorrectionContext) -> CorrectionPlan:
         return CorrectionPlan(action="blocked", finish_reason="content_filter")
+
+    async def aclose(self) -> None:
+        return None

@@ -21,6 +21,8 @@ class GuardView:
     context: Sequence[str]
     step: str
     channel: Channel = "reasoning"
+    round: int = 0
+    """0 for the model's first attempt, then the correction round the step belongs to."""
 
     def response_text(self) -> str:
         """The window of the response ending with the step under judgement."""

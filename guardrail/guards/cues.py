@@ -3,8 +3,9 @@
 After such a sentence the chance of a safe continuation collapses, so the trace should be cut
 there, not later where the harmful specifics start. A step is a cue when its wording commits to
 help (rules below: fast, no model) AND the request it answers is itself judged harmful by the
-guard (once per request, cached). The wrapper adds this to any guard: a cue is reported as an
-unsafe verdict with the category ``compliance_cue``.
+guard (once per request, cached; by the guard's ``judge_request`` where it has one). The wrapper
+adds this to any guard: a cue is reported as an unsafe verdict with the category
+``compliance_cue``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from guardrail.guards.base import Guard, GuardView, Verdict
 # First-person commitments to produce the requested content, and answer openers that deliver it.
 _COMMITMENT = re.compile(
     r"""(?ix)
-    \b(?:i'll|i\ will|i'm\ going\ to|i\ am\ going\ to|let\ me|let's|i\ can|i\ should)\s+
+    \b(?:i'll|i\ will|i'm\ going\ to|i\ am\ going\ to|let\ me|let's|i\ should)\s+
       (?:now\s+|just\s+|go\ ahead\ and\s+|then\s+|first\s+)*
       (?:help\ (?:them|you|him|her)\b|explain\ how|describe\ how|outline|lay\ out|walk\ (?:them|you)
         |provide\ (?:the|a|detailed|step)|give\ (?:them|you)\ (?:the|a|step|detailed)
@@ -27,7 +28,6 @@ _COMMITMENT = re.compile(
     |\b(?:okay|ok|sure|alright|fine),?\s+(?:i'll|i\ will|let\ me|here(?:'s|\ is))\b
     |\bhere(?:'s|\ is|\ are)\ (?:how|the\ steps|a\ step-by-step
         |the\ (?:full\ )?(?:procedure|recipe|instructions))
-    |\bstep[-\ ]by[-\ ]step\b.*\b(?:synthes|make|build|assembl|hack|track|poison)
     """
 )
 
@@ -47,7 +47,10 @@ class ComplianceCueGuard:
 
     async def check(self, view: GuardView) -> Verdict:
         verdict = await self.inner.check(view)
-        if verdict.unsafe or not commits_to_help(view.step) or not view.request.strip():
+        # A cue is where a first attempt's reasoning turns; after a correction the model is
+        # steered, and offers of safe help read like commitments, so only the guard judges.
+        if (verdict.unsafe or view.round > 0 or view.channel != "reasoning"
+                or not view.request.strip() or not commits_to_help(view.step)):
             return verdict
         request = await self._judge_request(view.request)
         if not request.unsafe:
@@ -65,11 +68,17 @@ class ComplianceCueGuard:
         return list(await asyncio.gather(*(self.check(view) for view in views)))
 
     async def _judge_request(self, request: str) -> Verdict:
-        # Judge the request as text on its own; shared by every step of the stream.
+        # Judged once per request, shared by every step of the stream: by the inner guard's
+        # request judge where it has one (the embedded guard's request head), otherwise by its
+        # step check on the request shown as a step of its own.
         task = self._request_verdicts.get(request)
         if task is None or (task.done() and task.cancelled()):
-            view = GuardView(request="", context=(), step=request, channel="reasoning")
-            task = asyncio.ensure_future(self.inner.check(view))
+            judge_request = getattr(self.inner, "judge_request", None)
+            if judge_request is not None:
+                task = asyncio.ensure_future(judge_request(request))
+            else:
+                view = GuardView(request="", context=(), step=request, channel="reasoning")
+                task = asyncio.ensure_future(self.inner.check(view))
             if len(self._request_verdicts) > 1024:
                 self._request_verdicts.clear()
             self._request_verdicts[request] = task

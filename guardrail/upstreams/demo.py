@@ -31,6 +31,12 @@ from importlib import resources
 from typing import Any, Literal
 
 from guardrail.config import UpstreamConfig
+from guardrail.continuation import (
+    AssistantPrefix,
+    ContinuationForm,
+    ContinuationUnsupported,
+    vllm_continuation_body,
+)
 from guardrail.events import Channel, Finish, ResponseMeta, TextDelta, UpstreamEvent, Usage
 from guardrail.reasoning import CLOSE_TAG, OPEN_TAG
 from guardrail.upstreams.base import ChatRequest
@@ -221,6 +227,18 @@ class DemoUpstream:
             "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
         })
+
+    continuation_forms: tuple[ContinuationForm, ...] = ("vllm",)
+
+    def continue_stream(
+        self, request: ChatRequest, prefix: AssistantPrefix, form: ContinuationForm,
+        **_: object,
+    ) -> AsyncIterator[UpstreamEvent]:
+        """Continue a partial assistant turn the way vLLM's continue_final_message does."""
+        if form != "vllm":
+            raise ContinuationUnsupported(f"the demo upstream cannot continue in form {form!r}")
+        body = vllm_continuation_body(request.body, prefix)
+        return self.stream(ChatRequest(body=body, headers=request.headers))
 
     async def list_models(self) -> list[dict[str, Any]]:
         return [{"id": DEMO_MODEL, "object": "model", "owned_by": "guardrail"}]

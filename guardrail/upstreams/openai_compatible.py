@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, cast
 
 import httpx
 
 from guardrail.config import UpstreamConfig
+from guardrail.continuation import (
+    AssistantPrefix,
+    ChatTemplate,
+    ContinuationForm,
+    ContinuationUnsupported,
+    deepseek_beta_url,
+    deepseek_prefix_body,
+    restart_body,
+    vllm_continuation_body,
+)
 from guardrail.errors import (
     ConfigError,
     UpstreamError,
@@ -25,6 +35,7 @@ from guardrail.errors import (
     UpstreamUnavailable,
 )
 from guardrail.events import UpstreamEvent
+from guardrail.reasoning import ThinkStart
 from guardrail.upstreams.base import ChatRequest
 from guardrail.upstreams.chunks import ChunkMapper
 from guardrail.upstreams.sse import SSEDecoder
@@ -110,10 +121,58 @@ class OpenAICompatibleUpstream:
         }
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[UpstreamEvent]:
+        events = self._post_stream("chat/completions", self.build_body(request), request,
+                                   ChunkMapper(self.config.think_start))
+        # aclosing: closing this generator must close the inner one (and its HTTP response) now,
+        # not whenever it is garbage-collected.
+        async with aclosing(events):
+            async for event in events:
+                yield event
+
+    continuation_forms: tuple[ContinuationForm, ...] = (
+        "vllm", "deepseek-prefix", "completions", "restart"
+    )
+
+    async def continue_stream(
+        self, request: ChatRequest, prefix: AssistantPrefix, form: ContinuationForm, *,
+        categories: tuple[str, ...] = (), template: ChatTemplate | None = None,
+        url: str | None = None,
+    ) -> AsyncIterator[UpstreamEvent]:
+        """Stream the model's continuation of ``prefix`` (see guardrail.continuation)."""
+        # Until ``</think>`` a continuation of the reasoning is reasoning, whatever the form.
+        think_start: ThinkStart = "answer" if prefix.in_answer else "reasoning"
+        base = self.build_body(request)
+        adapt = None
+        if form == "vllm":
+            path, body = "chat/completions", vllm_continuation_body(base, prefix)
+        elif form == "deepseek-prefix":
+            beta = url or deepseek_beta_url(str(self.config.url))
+            path, body = f"{beta.rstrip('/')}/chat/completions", deepseek_prefix_body(base, prefix)
+        elif form == "completions":
+            if template is None:
+                raise ContinuationUnsupported("the completions form needs a chat template")
+            path, adapt = "completions", _completion_chunk_as_chat
+            body = {key: value for key, value in base.items()
+                    if key not in ("messages", "stream_options", "response_format", "tools",
+                                   "tool_choice", "chat_template_kwargs")}
+            body["prompt"] = template.render_prefix(list(base.get("messages", [])), prefix)
+            body["stream_options"] = {"include_usage": True}
+        else:
+            path, body = "chat/completions", restart_body(base, categories)
+            think_start = self.config.think_start
+        events = self._post_stream(path, body, request, ChunkMapper(think_start), adapt=adapt)
+        async with aclosing(events):
+            async for event in events:
+                yield event
+
+    async def _post_stream(
+        self, path: str, body: dict[str, Any], request: ChatRequest, mapper: ChunkMapper,
+        *, adapt: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> AsyncIterator[UpstreamEvent]:
         http_request = self._client.build_request(
             "POST",
-            "chat/completions",
-            json=self.build_body(request),
+            path,
+            json=body,
             headers={**self._forwarded_headers(request), "Accept": "text/event-stream"},
         )
         try:
@@ -126,7 +185,6 @@ class OpenAICompatibleUpstream:
         try:
             if response.status_code >= 400:
                 await self._raise_http_error(response)
-            mapper = ChunkMapper(self.config.think_start)
             if response.headers.get("content-type", "").startswith("application/json"):
                 # A server that ignored ``stream: true`` and answered in one piece.
                 for event in await self._whole_response_events(response, mapper):
@@ -138,7 +196,8 @@ class OpenAICompatibleUpstream:
                     if payload.strip() == "[DONE]":
                         done = True
                         break
-                    for event in mapper.feed(_parse_chunk(payload)):
+                    chunk = _parse_chunk(payload)
+                    for event in mapper.feed(adapt(chunk) if adapt else chunk):
                         yield event
             if not done and not mapper.finished:
                 raise UpstreamStreamBroken(
@@ -222,3 +281,16 @@ def _parse_chunk(payload: str) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise UpstreamStreamBroken(f"upstream sent a non-object chunk: {payload[:200]!r}")
     return chunk
+
+
+def _completion_chunk_as_chat(chunk: dict[str, Any]) -> dict[str, Any]:
+    """A ``text_completion`` chunk in the shape of a chat chunk: ``text`` becomes content."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return chunk
+    converted = []
+    for choice in choices:
+        if isinstance(choice, dict):
+            delta = {"content": choice.get("text") or ""}
+            converted.append({**choice, "delta": delta})
+    return {**chunk, "choices": converted}

@@ -33,8 +33,11 @@ API
 ``responder`` is ``Callable[[dict], FakeReply]``: choose the reply from the request body (e.g.
 a continuation when ``continue_final_message`` is set). Without either, a default reply is used.
 
-Routes: ``POST /v1/chat/completions`` (stream or not; ``stream_options.include_usage`` adds the
-final usage chunk with empty ``choices``), ``GET /v1/models``; the ``/v1`` prefix is optional.
+Routes: ``POST /v1/completions`` (streamed ``text_completion`` chunks; the reply's reasoning
+inline, closed by ``</think>``, as raw model output), ``POST /v1/chat/completions`` (stream or
+not; ``stream_options.include_usage`` adds the final usage chunk with empty ``choices``),
+``GET /v1/models``; the ``/v1`` prefix is optional, and ``/beta`` (DeepSeek's prefix
+completion) serves the same routes.
 With ``api_key`` set, a missing or wrong bearer token gets 401; an unknown model gets 404;
 bad JSON or no ``messages`` gets 400 — all as ``{"error": {"message", "type", "param",
 "code"}}``.
@@ -195,7 +198,8 @@ class FakeOpenAIApp:
         record = RecordedRequest(method=scope["method"], path=path, headers=headers)
         self.requests.append(record)
         try:
-            route = path.removeprefix("/v1")
+            # DeepSeek serves its beta features (chat prefix completion) under /beta.
+            route = path.removeprefix("/v1").removeprefix("/beta")
             if not self._authorised(headers):
                 await _send_json(send, 401, _error_body(
                     "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
@@ -203,6 +207,8 @@ class FakeOpenAIApp:
                 await _send_json(send, 200, self._models_body())
             elif route == "/chat/completions" and scope["method"] == "POST":
                 await self._chat(bytes(raw_body), record, receive, send)
+            elif route == "/completions" and scope["method"] == "POST":
+                await self._completions(bytes(raw_body), record, send)
             else:
                 await _send_json(send, 404, _error_body(
                     f"no route {scope['method']} {path}", "invalid_request_error", None))
@@ -252,6 +258,40 @@ class FakeOpenAIApp:
             await _Stream(reply, body, record, receive, send).run()
         else:
             await _send_json(send, 200, _completion_body(reply, body))
+
+
+    async def _completions(self, raw_body: bytes, record: RecordedRequest, send: Send) -> None:
+        """``/v1/completions`` as vLLM streams it: ``text_completion`` chunks whose
+        ``choices[0].text`` is raw model output (no reasoning parser applies here, so the
+        reasoning arrives inline and ends with ``</think>``)."""
+        body = json.loads(raw_body)
+        record.body = body
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            await _send_json(send, 400, _error_body(
+                "'prompt' is a required property", "invalid_request_error", None, "prompt"))
+            return
+        reply = self.responder(body) if self.responder else self.reply
+        text = (reply.reasoning + "</think>" if reply.reasoning else "") + reply.answer
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+
+        def chunk(piece: str, finish: str | None) -> bytes:
+            data = {"id": response_id, "object": "text_completion", "created": self.created,
+                    "model": body.get("model"), "choices": [
+                        {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}]}
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        record.streamed = True
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        pieces = _pieces(text, reply.chunk_chars)
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": chunk(piece, None),
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": chunk("", reply.finish_reason),
+                    "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
+                    "more_body": False})
+        record.completed = True
 
 
 def create_fake_openai_app(

@@ -1,0 +1,122 @@
+"""``correction.strategy: intervene`` (IPO's corrective intervention, live).
+
+The flagged step and everything after it are dropped; a safety trigger takes their place; the
+same model is asked to go on from there (see guardrail.continuation for the forms). The client
+sees one stream: the safe reasoning it already had, the trigger, then the continuation, which
+the monitor guards like the first attempt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guardrail.config import CorrectionConfig
+from guardrail.continuation import (
+    AssistantPrefix,
+    ChatTemplate,
+    ContinuationForm,
+    guess_template,
+    load_template,
+)
+from guardrail.correctors.base import CorrectionContext, CorrectionPlan, Corrector
+from guardrail.correctors.simple import RefuseCorrector
+from guardrail.errors import ConfigError
+from guardrail.events import TextDelta
+from guardrail.triggers import choose_trigger
+
+
+def resolve_form(config: CorrectionConfig, upstream: Any) -> ContinuationForm | None:
+    """The continuation form to use with this upstream, or None when it supports none."""
+    supported: tuple[str, ...] = getattr(upstream, "continuation_forms", ())
+    wanted = config.continuation
+    if wanted == "none":
+        return None
+    if wanted != "auto":
+        return wanted if wanted in supported else None
+    url = str(getattr(getattr(upstream, "config", None), "url", "") or "")
+    for form in (("deepseek-prefix",) if "deepseek.com" in url else ()) + ("vllm", "restart"):
+        if form in supported:
+            return form  # type: ignore[return-value]
+    return None
+
+
+def _joined(shown: str, inserted: str) -> str:
+    """The trigger starts a new sentence after what was shown."""
+    if shown and not shown[-1].isspace():
+        return " " + inserted + " "
+    return inserted + " "
+
+
+class InterveneCorrector:
+    name = "intervene"
+
+    def __init__(self, config: CorrectionConfig) -> None:
+        self.config = config
+        self._refuse = RefuseCorrector(config)
+        self._fallback: Corrector = self._refuse
+        if config.fallback == "rewrite":
+            from guardrail.correctors.rewrite import RewriteCorrector
+
+            self._fallback = RewriteCorrector(config)
+        self._template: ChatTemplate | None = None
+        if config.continuation == "completions" and config.chat_template:
+            self._template = load_template(config.chat_template)
+
+    async def plan(self, context: CorrectionContext) -> CorrectionPlan:
+        categories = context.verdict.categories
+        if any(category in self.config.refuse_categories for category in categories):
+            plan = await self._refuse.plan(context)
+            plan.details["reason"] = "category refused outright"
+            return plan
+        form = resolve_form(self.config, context.upstream)
+        template = self._template_for(context) if form == "completions" else None
+        if form is None or (form == "completions" and template is None):
+            plan = await self._fallback.plan(context)
+            plan.details["reason"] = "upstream cannot continue a partial turn"
+            return plan
+        trigger = choose_trigger(categories, context.round, self.config.triggers,
+                                 self.config.category_triggers)
+        in_answer = context.channel == "answer"
+        reasoning, answer = context.released_reasoning, context.released_answer
+        # Fast mode showed the flagged step; the model's context still drops it (IPO's cut).
+        if context.flagged_released:
+            if in_answer:
+                answer = answer.removesuffix(context.flagged_released)
+            else:
+                reasoning = reasoning.removesuffix(context.flagged_released)
+        shown = answer if in_answer else reasoning
+        inserted = _joined(context.released_answer if in_answer else context.released_reasoning,
+                           trigger)
+        if in_answer:
+            prefix = AssistantPrefix(reasoning, answer + _joined(shown, trigger), True)
+        else:
+            prefix = AssistantPrefix(reasoning + _joined(shown, trigger))
+        upstream: Any = context.upstream
+        continuation = upstream.continue_stream(
+            context.request, prefix, form, categories=tuple(categories), template=template,
+            url=self.config.continuation_url,
+        )
+        return CorrectionPlan(
+            action="intervened",
+            inserted=[TextDelta("answer" if in_answer else "reasoning", inserted)],
+            continuation=continuation,
+            details={"form": form, "trigger": trigger},
+        )
+
+    def _template_for(self, context: CorrectionContext) -> ChatTemplate | None:
+        if self._template is not None:
+            return self._template
+        name = guess_template(getattr(getattr(context.upstream, "config", None), "model", None)
+                              or context.request.model)
+        return load_template(name) if name else None
+
+    async def aclose(self) -> None:
+        await self._fallback.aclose()
+
+
+def check_intervene_config(config: CorrectionConfig) -> None:
+    if config.continuation == "completions" and config.chat_template:
+        load_template(config.chat_template)
+    if config.fallback == "rewrite" and not config.rewrite.model:
+        raise ConfigError("correction.rewrite.model: required when correction.fallback is "
+                          "rewrite")
