@@ -97,7 +97,7 @@ class RewriteConfig(_Section):
 
 
 class CorrectionConfig(_Section):
-    strategy: str = "refuse"
+    strategy: str = "intervene"
     """``refuse``, ``block``, ``intervene`` (cut, insert a safety trigger, let the same model go
     on) or ``rewrite`` (a corrector model writes the rest)."""
     refusal_message: str = DEFAULT_REFUSAL

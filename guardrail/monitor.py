@@ -410,6 +410,7 @@ class GuardedStream:
         if verdict.error is not None:
             # The guard could not judge and on_error is block: end here, and say so.
             self.case.error = f"guard: {verdict.error}"
+            self.case.action = "error"
             self.metrics.errors.labels("guard").inc()
             correction.strategy = "error"
             return CorrectionPlan(action="error", finish_reason="content_filter"), correction

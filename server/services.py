@@ -67,6 +67,7 @@ class Services:
                    Authenticator(config.server))
 
     async def aclose(self) -> None:
-        for close in (self.upstream.aclose, self.guard.aclose, self.store.aclose):
+        for close in (self.upstream.aclose, self.guard.aclose, self.corrector.aclose,
+                      self.store.aclose):
             with contextlib.suppress(Exception):
                 await close()

@@ -105,6 +105,9 @@ def running_proxy(
         data = {
             "upstream": {"url": f"{upstream_url}/v1"},
             "guard": {"kind": guard, "url": f"{guard_url}/v1", "timeout_s": 5},
+            # Refusal keeps these tests about the stream; tests/test_intervention.py covers
+            # the default, intervene.
+            "correction": {"strategy": "refuse"},
             "store": {"url": f"sqlite:///{store_path}",
                       "fallback_path": str(tmp_path / "unstored.jsonl")},
         }

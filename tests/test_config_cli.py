@@ -62,7 +62,8 @@ def test_defaults_run_on_a_laptop() -> None:
         assert config.upstream.url is None and config.upstream.api_key is None
         assert config.guard.kind == "embedded" and config.guard.on_error == "block"
         assert config.stream.mode == "strict"
-        assert config.correction.strategy == "refuse"
+        assert config.correction.strategy == "intervene"
+        assert config.correction.fallback == "refuse"
         assert config.store.url.startswith("sqlite:///")
         assert config.server.api_keys == [] and config.server.admin_keys == []
         assert (config.server.host, config.server.port) == ("127.0.0.1", 8000)
@@ -204,7 +205,7 @@ def test_an_unreadable_file_names_the_file(tmp_path: Path) -> None:
     ("section", "value", "known"),
     [
         ("guard", {"kind": "llamaguard"}, ["embedded", "llama-guard", "none"]),
-        ("correction", {"strategy": "apologise"}, ["block", "refuse"]),
+        ("correction", {"strategy": "apologise"}, ["block", "intervene", "refuse", "rewrite"]),
         ("store", {"url": "mysql://localhost/cases"}, ["postgresql", "sqlite"]),
     ],
     ids=["guard", "correction", "store"],
@@ -282,8 +283,9 @@ def test_serve_with_a_missing_file_exits_2(tmp_path: Path) -> None:
 
 
 def test_a_backend_that_fails_while_starting_is_one_error_line(tmp_path: Path) -> None:
-    # llama-guard without guard.url is valid YAML with known names: only building the guard at
-    # start-up finds the problem. It is still a config error line, not a traceback.
+    # llama-guard without guard.url runs in-process from guard.model: valid YAML with known
+    # names, and only loading the model at start-up finds it missing (no hub here). It is still
+    # one config error line, not a traceback.
     path = write(tmp_path, f"""\
 upstream:
   url: http://127.0.0.1:9/v1
@@ -297,7 +299,7 @@ store:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("guardrail: config error: guard.url:")
+    assert len(errors) == 1 and errors[0].startswith("guardrail: config error: guard.model:")
 
 
 @pytest.fixture
@@ -358,7 +360,7 @@ server:
     log = stderr_path.read_text()
     assert log.splitlines()[0] == (
         f"guardrail: upstream openai-compatible at {fake_model}/v1; guard none; mode strict; "
-        f"correction refuse; cases in sqlite:///{tmp_path / 'cases.db'}")
+        f"correction intervene; cases in sqlite:///{tmp_path / 'cases.db'}")
     assert f"listening on http://127.0.0.1:{port}/v1" in log
     assert "Traceback" not in log
     assert "sk-cli-test" not in log
@@ -371,7 +373,7 @@ server:
 def test_the_start_line_says_when_the_demo_upstream_is_used() -> None:
     line = _describe_start(Config())
     assert line.startswith("guardrail: upstream demo (no upstream configured")
-    assert "guard embedded" in line and "mode strict" in line and "correction refuse" in line
+    assert "guard embedded" in line and "mode strict" in line and "correction intervene" in line
 
 
 def test_the_start_line_names_the_upstream_and_hides_secrets() -> None:

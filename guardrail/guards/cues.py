@@ -70,14 +70,15 @@ class ComplianceCueGuard:
     async def _judge_request(self, request: str) -> Verdict:
         # Judged once per request, shared by every step of the stream: by the inner guard's
         # request judge where it has one (the embedded guard's request head), otherwise by its
-        # step check on the request shown as a step of its own.
+        # check of a view with the request and no response (a prompt check).
         task = self._request_verdicts.get(request)
         if task is None or (task.done() and task.cancelled()):
             judge_request = getattr(self.inner, "judge_request", None)
             if judge_request is not None:
                 task = asyncio.ensure_future(judge_request(request))
             else:
-                view = GuardView(request="", context=(), step=request, channel="reasoning")
+                # No response text: template guards (Llama Guard...) classify the prompt itself.
+                view = GuardView(request=request, context=(), step="", channel="reasoning")
                 task = asyncio.ensure_future(self.inner.check(view))
             if len(self._request_verdicts) > 1024:
                 self._request_verdicts.clear()
