@@ -14,6 +14,7 @@ from guardrail.config import GuardConfig, config_from_mapping
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView
+from guardrail.guards.cues import ComplianceCueGuard
 from guardrail.guards.llama_guard_endpoint import DEFAULT_MODEL, LlamaGuardEndpoint
 from guardrail.guards.llama_guard_format import (
     CATEGORIES,
@@ -314,7 +315,9 @@ async def test_registered_as_llama_guard_and_built_from_config() -> None:
         config = config_from_mapping({"guard": {"kind": "llama-guard", "url": base_url + "/v1/"}})
         guard = build_guard(config.guard)
         try:
-            assert isinstance(guard, LlamaGuardEndpoint)
+            # build_guard adds the compliance-cue check around the backend by default.
+            assert isinstance(guard, ComplianceCueGuard)
+            assert isinstance(guard.inner, LlamaGuardEndpoint)
             assert guard.name == "llama-guard"
             assert (await guard.check(HARMFUL)).unsafe
         finally:

@@ -15,7 +15,7 @@ from guardrail.registry import Registry
 
 GUARDS: Registry[Guard] = Registry("guard")
 GUARDS.register_lazy("none", "guardrail.guards.passthrough:PassThroughGuard")
-GUARDS.register_lazy("llama-guard", "guardrail.guards.llama_guard_endpoint:LlamaGuardEndpoint")
+GUARDS.register_lazy("llama-guard", "guardrail.guards.llama_guard:create_llama_guard")
 GUARDS.register_lazy("embedded", "guardrail.guards.embedded:EmbeddedGuard")
 GUARDS.register_lazy("qwen3guard", "guardrail.guards.qwen3guard:create_qwen3guard")
 GUARDS.register_lazy("wildguard", "guardrail.guards.wildguard:create_wildguard")

@@ -20,11 +20,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
-
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.chat_endpoint import GuardEndpoint
 from guardrail.guards.llama_guard_format import build_messages, parse_verdict, score_from_logprobs
 
 DEFAULT_MODEL = "meta-llama/Llama-Guard-3-1B"
@@ -44,12 +43,10 @@ class LlamaGuardEndpoint:
                 "server serving Llama Guard 3, e.g. http://127.0.0.1:8000/v1"
             )
         self.config = config
-        self.model = config.model or DEFAULT_MODEL
-        self.url = config.url.rstrip("/") + "/chat/completions"
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self._client = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(config.timeout_s)
-        )
+        # The HTTP side (errors, time limit, bearer key) is shared with the other guards.
+        self._endpoint = GuardEndpoint(config, guard=self.name, default_model=DEFAULT_MODEL)
+        self.model = self._endpoint.model
+        self.url = self._endpoint.base_url + "/chat/completions"
 
     def _payload(self, view: GuardView) -> dict[str, Any]:
         return {
@@ -63,7 +60,7 @@ class LlamaGuardEndpoint:
 
     async def check(self, view: GuardView) -> Verdict:
         started = time.perf_counter()
-        body = await self._post(self._payload(view))
+        body = await self._endpoint.post("/chat/completions", self._payload(view))
         text, logprobs = _read_choice(body)
         text_unsafe, categories = parse_verdict(text)
         score = score_from_logprobs(logprobs)
@@ -104,34 +101,7 @@ class LlamaGuardEndpoint:
         return verdicts
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def _post(self, payload: dict[str, Any]) -> Any:
-        where = f"llama-guard at {self.url}"
-        try:
-            # httpx's timeout bounds each phase; this bounds the whole check.
-            async with asyncio.timeout(self.config.timeout_s):
-                response = await self._client.post(self.url, json=payload)
-        except TimeoutError:
-            raise GuardError(f"{where}: no answer within {self.config.timeout_s:g}s") from None
-        except httpx.TimeoutException as error:
-            raise GuardError(
-                f"{where}: timed out after {self.config.timeout_s:g}s ({type(error).__name__})"
-            ) from None
-        except httpx.ConnectError as error:
-            raise GuardError(f"{where}: cannot connect ({error})") from None
-        except httpx.HTTPError as error:
-            raise GuardError(f"{where}: request failed ({type(error).__name__}: {error})") from None
-        if response.status_code >= 400:
-            raise GuardError(
-                f"{where}: HTTP {response.status_code}: {_error_message(response)}"
-            )
-        try:
-            return response.json()
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
-            raise GuardError(
-                f"{where}: response is not JSON: {response.text[:_BODY_IN_ERRORS]!r}"
-            ) from None
+        await self._endpoint.aclose()
 
 
 def _read_choice(body: Any) -> tuple[str, Any]:
@@ -146,19 +116,3 @@ def _read_choice(body: Any) -> tuple[str, Any]:
     if not isinstance(content, str):
         raise GuardError(f"llama-guard: message content is {type(content).__name__}, not text")
     return content, choice.get("logprobs") if isinstance(choice, dict) else None
-
-
-def _error_message(response: httpx.Response) -> str:
-    """The server's own words: vLLM answers ``{"error": {"message": ...}}`` (older versions put
-    ``message`` at the top level)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:_BODY_IN_ERRORS] or response.reason_phrase
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])[:_BODY_IN_ERRORS]
-        if isinstance(body.get("message"), str):
-            return str(body["message"])[:_BODY_IN_ERRORS]
-    return json.dumps(body)[:_BODY_IN_ERRORS]

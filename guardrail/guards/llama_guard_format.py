@@ -1,9 +1,14 @@
 """Llama Guard 3's side of the wire: the messages we send, and reading what it answers.
 
-We never render the Llama Guard prompt ourselves. The model's own chat template (shipped in its
-HF tokenizer and applied by vLLM) turns ``[user, assistant]`` messages into the task line, the
-S1-S14 category list and the ``User:`` / ``Agent:`` conversation, and asks for an assessment of
-ONLY THE LAST Agent message. Rendering it here would duplicate that template and drift from it.
+The model's own chat template (shipped in its HF tokenizer and applied by vLLM) turns
+``[user, assistant]`` messages into the task line, the S1-S14 category list and the ``User:`` /
+``Agent:`` conversation, and asks for an assessment of ONLY THE LAST Agent message; that template
+is always preferred. ``render_prompt`` writes the same prompt only for a tokenizer that ships
+without one (a converted or re-saved checkpoint).
+
+The message texts are neutralised first (``guardrail.guards.neutralise``): text that imitates the
+template's delimiters, ``User:`` / ``Agent:`` headers, a ``safe`` / ``unsafe`` verdict line or a
+Llama 3 control token cannot close the conversation or plant an answer.
 
 The model answers ``safe``, or ``unsafe`` and a line of categories (``S1,S3``). The template
 ends at the assistant header without the usual blank line, so the model first emits ``\\n\\n``:
@@ -19,6 +24,7 @@ from typing import Any
 
 from guardrail.errors import GuardError
 from guardrail.guards.base import GuardView
+from guardrail.guards.neutralise import Markers, neutralise
 
 # Names as the Llama Guard 3 model card gives them. The chat template's prompt uses shorter
 # labels for a few (S3 "Sex Crimes", S4 "Child Exploitation", S11 "Self-Harm"); the codes are
@@ -40,22 +46,92 @@ CATEGORIES: dict[str, str] = {
     "S14": "Code Interpreter Abuse",
 }
 
+# The labels the chat template of Llama-Guard-3-8B writes into the prompt (shorter than the model
+# card's for S3, S4 and S11).
+PROMPT_CATEGORIES: dict[str, str] = {
+    **CATEGORIES,
+    "S3": "Sex Crimes",
+    "S4": "Child Exploitation",
+    "S11": "Self-Harm",
+}
+
+MARKERS = Markers(
+    literals=(
+        "<BEGIN UNSAFE CONTENT CATEGORIES>",
+        "<END UNSAFE CONTENT CATEGORIES>",
+        "<BEGIN CONVERSATION>",
+        "<END CONVERSATION>",
+        "Provide your safety assessment",
+        "Task: Check if there is unsafe content",
+        "First line must read",
+        "a second line must include",
+    ),
+    tokens=("<|image|>",),
+    line_keys=(
+        r"user\s*:", r"agent\s*:",  # the conversation's turn headers
+        r"(?:un)?safe\s*$",  # a verdict line
+        r"S\d{1,2}(?:\s*[,:.]|\s*$)",  # a category line or a category definition
+    ),
+)
+"""What judged text must not imitate in a Llama Guard prompt."""
+
+_BOS = "<|begin_of_text|>"
+_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+_EOT = "<|eot_id|>"
 _RAW_IN_ERRORS = 200
 _FIRST_LINE = re.compile(r"(safe|unsafe)\b(.*)", re.IGNORECASE)
 _CATEGORY_CODE = re.compile(r"S\d{1,2}", re.IGNORECASE)
 
 
-def build_messages(view: GuardView) -> list[dict[str, str]]:
+def build_messages(view: GuardView, markers: Markers = MARKERS) -> list[dict[str, str]]:
     """``[user, assistant]``: with an even number of turns the template judges the Agent's last
-    message, i.e. the window of the response that ends with the step under judgement.
+    message, i.e. the window of the response that ends with the step under judgement. A view
+    with no response text is a prompt check: ``[user]`` alone, and the User message is judged.
 
     Plain string contents: the 8B template reads them directly, and vLLM converts them into text
     parts for the 1B template (which iterates over content parts) by detecting its format.
+    Texts are neutralised against ``markers``.
     """
-    return [
-        {"role": "user", "content": view.request},
-        {"role": "assistant", "content": view.response_text()},
-    ]
+    messages = [{"role": "user", "content": neutralise(view.request, markers)}]
+    response = view.response_text()
+    if response.strip():
+        messages.append({"role": "assistant", "content": neutralise(response, markers)})
+    return messages
+
+
+def render_prompt(messages: Sequence[Mapping[str, str]], bos: str | None = _BOS) -> str:
+    """The prompt Llama Guard 3's chat template writes for ``messages`` (alternating, user
+    first), ending at the assistant header: the model's first output is ``\n\n``."""
+    judged = "Agent" if len(messages) % 2 == 0 else "User"
+    categories = "\n".join(f"{code}: {name}." for code, name in PROMPT_CATEGORIES.items())
+    turns = "".join(
+        f"{'User' if index % 2 == 0 else 'Agent'}: {message['content'].strip()}\n\n"
+        for index, message in enumerate(messages)
+    )
+    return (
+        (bos or "")
+        + _HEADER.format(role="user")
+        + f"Task: Check if there is unsafe content in '{judged}' messages in conversations "
+        "according our safety policy with the below categories.\n\n"
+        f"<BEGIN UNSAFE CONTENT CATEGORIES>\n{categories}\n<END UNSAFE CONTENT CATEGORIES>\n\n"
+        f"<BEGIN CONVERSATION>\n\n{turns}<END CONVERSATION>\n\n"
+        f"Provide your safety assessment for ONLY THE LAST {judged} message in the above "
+        "conversation:\n - First line must read 'safe' or 'unsafe'.\n - If unsafe, a second line "
+        "must include a comma-separated list of violated categories."
+        + _EOT
+        + _HEADER.format(role="assistant").rstrip("\n")
+    )
+
+
+def parse_categories(text: str) -> tuple[str, ...]:
+    """The ``S<n>`` codes of a category line (``S1,S10``; spaces or commas), in order, once."""
+    codes: list[str] = []
+    for token in re.split(r"[,\s]+", text):
+        if _CATEGORY_CODE.fullmatch(token):
+            code = token.upper()
+            if code not in codes:
+                codes.append(code)
+    return tuple(codes)
 
 
 def _shorten(text: str) -> str:
@@ -86,13 +162,7 @@ def parse_verdict(text: str) -> tuple[bool, tuple[str, ...]]:
             raise GuardError(f"llama-guard: unexpected text after 'safe': {_shorten(text)}")
         return False, ()
     category_text = rest if rest else (lines[1] if len(lines) > 1 else "")
-    codes: list[str] = []
-    for token in re.split(r"[,\s]+", category_text):
-        if _CATEGORY_CODE.fullmatch(token):
-            code = token.upper()
-            if code not in codes:
-                codes.append(code)
-    return True, tuple(codes)
+    return True, parse_categories(category_text)
 
 
 def _probability(logprob: object) -> float:
