@@ -58,8 +58,9 @@ class GuardConfig(_Section):
     timeout_s: float = Field(default=10.0, gt=0)
     threshold: float = Field(default=0.5, ge=0, le=1)
     """A step is unsafe when its score reaches this (for guards that give a score)."""
-    window_steps: int = Field(default=4, ge=0)
-    """Earlier steps shown to the guard with each step: bounded, so cost grows linearly."""
+    window_steps: int = Field(default=1, ge=0)
+    """Earlier steps shown to the guard with each step: bounded, so cost grows linearly (with
+    the default steps, about 2.7 guard tokens per trace token: benchmarks/guard_growth.py)."""
     max_request_chars: int = Field(default=2000, ge=1)
     max_concurrency: int = Field(default=4, ge=1)
     """Checks in flight at once for one stream."""
@@ -76,8 +77,9 @@ class StreamConfig(_Section):
     mode: Literal["strict", "fast"] = "strict"
     split: Literal["sentence", "paragraph"] = "sentence"
     max_step_chars: int = Field(default=600, ge=16)
-    min_step_chars: int = Field(default=24, ge=0)
-    """Shorter sentences are joined with the next one, so the guard sees enough to judge."""
+    min_step_chars: int = Field(default=120, ge=0)
+    """Shorter sentences are joined with the next one, so the guard sees enough to judge and
+    each check carries enough new text to keep guard cost per trace token low."""
 
 
 DEFAULT_REFUSAL = (

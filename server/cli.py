@@ -1,4 +1,5 @@
-"""``guardrail``: the command line. ``guardrail serve`` starts the proxy."""
+"""``guardrail``: the command line. ``guardrail serve`` starts the proxy; ``guardrail check``
+judges text with the configured guard (server/check_command.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from guardrail.config import Config, load_config
 from guardrail.errors import ConfigError, UnknownBackendError
+from server.check_command import add_check_parser
 
 
 def _describe_start(config: Config) -> str:
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve_parser.add_argument("--port", type=int, help="port (default 8000)")
     serve_parser.set_defaults(handler=serve)
+    add_check_parser(commands)
     return parser
 
 

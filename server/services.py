@@ -13,6 +13,7 @@ from guardrail.cases.recorder import CaseRecorder
 from guardrail.config import Config
 from guardrail.correctors import Corrector, build_corrector
 from guardrail.guards import Guard, build_guard
+from guardrail.guards.guard_stats import GuardStatsCollector, find_stats
 from guardrail.metrics import Metrics
 from guardrail.upstreams import Upstream, build_upstream
 from server.auth import Authenticator
@@ -62,6 +63,9 @@ class Services:
             metrics.case_store_failures.inc()
             metrics.errors.labels("case_store").inc()
 
+        stats = find_stats(guard)
+        if stats is not None:  # a cascade: how often it escalates, as guardrail_guard_stats_total
+            metrics.registry.register(GuardStatsCollector(stats))
         recorder = CaseRecorder(store, config.store.fallback_path, on_failure=on_store_failure)
         return cls(config, upstream, guard, corrector, store, recorder, metrics,
                    Authenticator(config.server))

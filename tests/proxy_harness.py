@@ -108,6 +108,8 @@ def running_proxy(
             # Refusal keeps these tests about the stream; tests/test_intervention.py covers
             # the default, intervene.
             "correction": {"strategy": "refuse"},
+            # Sentence-sized steps, so tests can say exactly where a cut falls.
+            "stream": {"min_step_chars": 24},
             "store": {"url": f"sqlite:///{store_path}",
                       "fallback_path": str(tmp_path / "unstored.jsonl")},
         }

@@ -201,23 +201,28 @@ class LiteLLMUpstream:
         return [{"id": model, "object": "model", "owned_by": "litellm"}]
 
     async def aclose(self) -> None:
-        """Close the HTTP clients LiteLLM cached for this event loop.
+        await close_litellm_clients()
 
-        LiteLLM keeps one client per (settings, event loop) in a module-level cache and never
-        closes it; left open, its sockets leak. Entries of other loops are left alone.
-        """
-        litellm = sys.modules.get("litellm")
-        if litellm is None:
-            return  # never imported, so nothing cached
-        cache = getattr(litellm, "in_memory_llm_clients_cache", None)
-        entries = getattr(cache, "cache_dict", None)
-        if not isinstance(entries, dict):
-            return
-        suffix = f"-{id(asyncio.get_running_loop())}"
-        ttl = getattr(cache, "ttl_dict", {})
-        for key in [key for key in entries if isinstance(key, str) and key.endswith(suffix)]:
-            client = entries.pop(key, None)
-            if isinstance(ttl, dict):
-                ttl.pop(key, None)
-            if client is not None:
-                await _close_quietly(client)
+
+async def close_litellm_clients() -> None:
+    """Close the HTTP clients LiteLLM cached for the running event loop.
+
+    LiteLLM keeps one client per (settings, event loop) in a module-level cache and never
+    closes it; left open, its sockets leak. Entries of other loops are left alone. Every
+    LiteLLM-based backend (this upstream, the llm-judge guard) calls this in its ``aclose``.
+    """
+    litellm = sys.modules.get("litellm")
+    if litellm is None:
+        return  # never imported, so nothing cached
+    cache = getattr(litellm, "in_memory_llm_clients_cache", None)
+    entries = getattr(cache, "cache_dict", None)
+    if not isinstance(entries, dict):
+        return
+    suffix = f"-{id(asyncio.get_running_loop())}"
+    ttl = getattr(cache, "ttl_dict", {})
+    for key in [key for key in entries if isinstance(key, str) and key.endswith(suffix)]:
+        client = entries.pop(key, None)
+        if isinstance(ttl, dict):
+            ttl.pop(key, None)
+        if client is not None:
+            await _close_quietly(client)

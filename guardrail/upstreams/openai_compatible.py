@@ -168,7 +168,7 @@ class OpenAICompatibleUpstream:
     async def _post_stream(
         self, path: str, body: dict[str, Any], request: ChatRequest, mapper: ChunkMapper,
         *, adapt: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    ) -> AsyncIterator[UpstreamEvent]:
+    ) -> AsyncGenerator[UpstreamEvent, None]:
         http_request = self._client.build_request(
             "POST",
             path,
