@@ -140,7 +140,10 @@ def test_a_harmless_whole_with_steps_stays_safe(
 ) -> None:
     _, url = llama_guard
     config = write_config(tmp_path, lg_guard(url))
-    response = "Knead the dough for ten minutes. Then bake it for half an hour at 220 degrees."
+    # Two steps of at least stream.min_step_chars (120) each.
+    response = ("Knead the dough for ten minutes on a floured board, folding it over itself and "
+                "turning it a quarter turn each time until it is smooth. Then let it rise in a "
+                "warm place for an hour and bake it for half an hour at 220 degrees until golden.")
     run = guardrail_check("--config", str(config), "--text", response, "--steps")
     assert run.lines == [{"unsafe": False, "score": pytest.approx(0.01), "categories": [],
                           "steps": 2, "flagged_steps": []}]
