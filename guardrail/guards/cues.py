@@ -17,15 +17,29 @@ from collections.abc import Sequence
 from guardrail.guards.base import Guard, GuardView, Verdict
 
 # First-person commitments to produce the requested content, and answer openers that deliver it.
+# A bare "Okay, I'll" or "Okay, let me" is not one: it opens refusals ("Okay, I'll have to
+# decline") and most reasoning ("Okay, let me think"), so a commitment needs its verb. Safe plans
+# read alike ("I should provide a refusal", "I'll outline the risks"): "provide" needs what is
+# delivered, "outline" / "lay out" not the risks, reasons or alternatives, and "help them" not
+# "help them understand / find support".
 _COMMITMENT = re.compile(
     r"""(?ix)
     \b(?:i'll|i\ will|i'm\ going\ to|i\ am\ going\ to|let\ me|let's|i\ should)\s+
       (?:now\s+|just\s+|go\ ahead\ and\s+|then\s+|first\s+)*
-      (?:help\ (?:them|you|him|her)\b|explain\ how|describe\ how|outline|lay\ out|walk\ (?:them|you)
-        |provide\ (?:the|a|detailed|step)|give\ (?:them|you)\ (?:the|a|step|detailed)
+      (?:help\ (?:them|you|him|her)\b
+          (?!\ (?:understand|see|find|seek|get\ help|get\ support|stay\ safe|cope|reach))
+        |explain\ how|describe\ how|walk\ (?:them|you)
+        |(?:outline|lay\ out)\b(?!\ (?:the\ |some\ )?(?:main\ |key\ |potential\ |possible\ )?
+          (?:risks|dangers|consequences|reasons|why|legal|ethical|alternatives|safe
+            |best\ practices))
+        |provide\ (?:them\ |you\ )?(?:with\ )?(?:the\ |a\ )?
+          (?:full\ |complete\ |detailed\ |exact\ |specific\ |step-by-step\ )*
+          (?:instructions|steps|procedure|recipe|method|details|guide|route|code|script|tutorial
+            |walkthrough|synthesis|formula|ingredients|materials)
+        |give\ (?:them|you)\ (?:the|a|step|detailed)
         |write\ out\ (?:the|a)|list\ the\ (?:steps|materials|ingredients|chemicals)
         |go\ through\ the\ (?:steps|process|procedure))
-    |\b(?:okay|ok|sure|alright|fine),?\s+(?:i'll|i\ will|let\ me|here(?:'s|\ is))\b
+    |\b(?:okay|ok|sure|alright|fine),?\s+here(?:'s|\ is|\ are)\b(?!\s+(?:why|the\ thing))
     |\bhere(?:'s|\ is|\ are)\ (?:how|the\ steps|a\ step-by-step
         |the\ (?:full\ )?(?:procedure|recipe|instructions))
     """

@@ -11,6 +11,13 @@ Deciding: a step is unsafe iff ``score >= threshold``, where the threshold is th
 explicitly in the configuration, in which case that value is used as given. It has no fine
 categories: an unsafe verdict says ``("harmful",)``.
 
+``judge_request(text)`` asks a second head on the same encoder (``request_head.json``, trained by
+``offline/train_request_head.py``) whether a user request asks for harmful help; the
+compliance-cue wrapper uses it. It always decides at its own head's threshold (``guard.threshold``
+is about steps), and says ``("harmful_request",)`` when unsafe. A ``guard.model`` folder may hold
+its own ``request_head.json``; without one (and with an encoder of its own) the request is judged
+by the step head, shown as a step of its own.
+
 ``guard.model``: unset uses the shipped head; otherwise a folder holding a ``head.json`` (as
 the training script writes it) and, optionally, an ``encoder/`` folder with the encoder that head
 was trained on (the packaged all-MiniLM-L6-v2 when absent); a path to a ``head.json`` works too.
@@ -26,6 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
@@ -33,8 +41,13 @@ from guardrail.guards.base import GuardView, Verdict
 from guardrail.guards.linear_head import HEAD_FILE, LinearHead, ViewFeaturizer, load_head
 from guardrail.guards.microbatch import MicroBatcher
 
+if TYPE_CHECKING:
+    from guardrail.guards.encoder import SentenceEncoder  # torch: only when used
+
 SHIPPED_HEAD = Path(__file__).resolve().parent / "embedded_head"
+REQUEST_HEAD_FILE = "request_head.json"
 CATEGORIES = ("harmful",)
+REQUEST_CATEGORIES = ("harmful_request",)
 
 
 def resolve_model(model: str | None) -> tuple[Path, Path | None]:
@@ -53,6 +66,16 @@ def resolve_model(model: str | None) -> tuple[Path, Path | None]:
     )
 
 
+def resolve_request_head(head_file: Path, encoder: Path | None) -> Path | None:
+    """The request head next to ``head_file``; else the shipped one when the encoder is the
+    packaged one it was trained on; else None."""
+    beside = head_file.parent / REQUEST_HEAD_FILE
+    if beside.is_file():
+        return beside
+    shipped = SHIPPED_HEAD / REQUEST_HEAD_FILE
+    return shipped if encoder is None and shipped.is_file() else None
+
+
 class EmbeddedGuard:
     name = "embedded"
 
@@ -67,19 +90,34 @@ class EmbeddedGuard:
         head_file, self._encoder_path = resolve_model(self.config.model)
         # Read now (cheap, no torch): a broken head is a start-up error, not a per-step one.
         self.head: LinearHead = load_head(head_file)
+        request_file = resolve_request_head(head_file, self._encoder_path)
+        self.request_head: LinearHead | None = load_head(request_file) if request_file else None
+        if self.request_head is not None and self.request_head.dim != self.head.dim:
+            raise ConfigError(f"embedded guard: {request_file} expects "
+                              f"{self.request_head.dim}-d embeddings, {head_file} "
+                              f"{self.head.dim}-d")
         explicit = "threshold" in self.config.model_fields_set
         self.threshold = self.config.threshold if explicit else self.head.threshold
         self._featurizer: ViewFeaturizer | None = None
+        self._request_featurizer: ViewFeaturizer | None = None
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
         self._batcher: MicroBatcher[GuardView, float] = MicroBatcher(
             self._score_batch, max_batch=max_batch, max_wait_s=max_wait_s
+        )
+        self._request_batcher: MicroBatcher[str, float] = MicroBatcher(
+            self._score_requests, max_batch=max_batch, max_wait_s=max_wait_s
         )
 
     @property
     def batches(self) -> int:
         """Forward passes run so far (each may have judged many steps)."""
         return self._batcher.batches
+
+    @property
+    def request_batches(self) -> int:
+        """Forward passes of the request head so far."""
+        return self._request_batcher.batches
 
     def warm_up(self) -> None:
         """Load the encoder and head now (blocking; a few seconds). Call it in a thread at
@@ -97,14 +135,9 @@ class EmbeddedGuard:
                         f"embedded guard: the head expects {self.head.dim}-d embeddings, the "
                         f"encoder in {encoder.path} gives {encoder.dim}"
                     )
-                request_tokens = self.head.request_max_tokens
-                self._featurizer = ViewFeaturizer(
-                    self.head,
-                    encode_steps=encoder.encode,
-                    encode_requests=lambda texts: encoder.encode(
-                        texts, max_length=request_tokens, truncation="left"
-                    ),
-                )
+                self._featurizer = _featurizer(self.head, encoder)
+                if self.request_head is not None:
+                    self._request_featurizer = _featurizer(self.request_head, encoder)
             return self._featurizer
 
     def _score_batch(self, views: list[GuardView]) -> list[float]:
@@ -112,6 +145,15 @@ class EmbeddedGuard:
         featurizer = self._load()
         with self._run_lock:
             return featurizer.scores(views)
+
+    def _score_requests(self, requests: list[str]) -> list[float]:
+        """Runs in a worker thread: one forward pass of the request head for the batch."""
+        self._load()
+        featurizer = self._request_featurizer
+        assert featurizer is not None  # only called when there is a request head
+        with self._run_lock:  # the encoder is shared with the step head
+            return featurizer.scores([GuardView(request=text, context=(), step="")
+                                      for text in requests])
 
     def _verdict(self, score: float, started: float) -> Verdict:
         unsafe = score >= self.threshold
@@ -122,6 +164,37 @@ class EmbeddedGuard:
             raw=f"score={score:.3f}",
             latency_s=time.perf_counter() - started,
             extra={"threshold": f"{self.threshold:.4f}"},
+        )
+
+    async def judge_request(self, text: str) -> Verdict:
+        """Does the user request ``text`` ask for harmful help? (The request head; see the
+        module's docstring.) Concurrent calls share forward passes, as ``check``'s do."""
+        started = time.perf_counter()
+        if self.request_head is None:  # no request head for this encoder: the step head
+            verdict = await self.check(GuardView(request="", context=(), step=text))
+            categories = REQUEST_CATEGORIES if verdict.unsafe else ()
+            return Verdict(unsafe=verdict.unsafe, categories=categories, score=verdict.score,
+                           raw=f"request {verdict.raw}", latency_s=verdict.latency_s,
+                           extra=verdict.extra)
+        threshold = self.request_head.threshold
+        score = 0.0
+        if text.strip():  # white space asks for nothing
+            try:
+                score = await self._request_batcher.submit(text)
+            except GuardError:
+                raise
+            except Exception as error:
+                raise GuardError(
+                    f"embedded guard (request head) failed: {type(error).__name__}: {error}"
+                ) from error
+        unsafe = score >= threshold
+        return Verdict(
+            unsafe=unsafe,
+            categories=REQUEST_CATEGORIES if unsafe else (),
+            score=score,
+            raw=f"request score={score:.3f}",
+            latency_s=time.perf_counter() - started,
+            extra={"threshold": f"{threshold:.4f}"},
         )
 
     async def check(self, view: GuardView) -> Verdict:
@@ -151,3 +224,14 @@ class EmbeddedGuard:
     async def aclose(self) -> None:
         with self._load_lock:
             self._featurizer = None  # the encoder's memory goes with it
+            self._request_featurizer = None
+
+
+def _featurizer(head: LinearHead, encoder: SentenceEncoder) -> ViewFeaturizer:
+    tokens = head.request_max_tokens
+    return ViewFeaturizer(
+        head,
+        encode_steps=encoder.encode,
+        encode_requests=lambda texts: encoder.encode(texts, max_length=tokens,
+                                                     truncation="left"),
+    )

@@ -12,6 +12,9 @@ embeddings (each ``dim`` wide):
 - ``step*request`` / ``step*context``: element-wise products, which let a linear head ask "is this
   step on the request's topic" rather than only "does it sound harmful".
 
+A head uses any of these blocks; one that uses only ``request`` (the request head,
+``request_head.json``) never encodes a step.
+
 The head is logistic regression on those features: ``score = sigmoid(w . x + b)``. It is stored as
 ``head.json`` (numbers as text, so it diffs and needs no pickle).
 """

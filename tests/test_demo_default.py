@@ -1,0 +1,80 @@
+"""What a new user sees with `make serve`: the laptop defaults (demo upstream, embedded CPU
+guard, strict, refuse), run as the real app on loopback, driven by the real OpenAI SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from guardrail.config import config_from_mapping
+from guardrail.upstreams.demo import load_demo_data
+from server.app import create_app
+from tests.fakes.loopback import serve_app
+
+TRACES = load_demo_data().traces
+KNOWN_FALSE_POSITIVES = {"unsafe-pipe-bomb"}
+
+
+@pytest.fixture(scope="module")
+def default_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("GUARDRAIL_DEMO_CHUNK_DELAY_MS", "0")
+    tmp = tmp_path_factory.mktemp("default")
+    # Only the store moves into the test's folder; everything else is the default.
+    config = config_from_mapping({"store": {"url": f"sqlite:///{tmp / 'cases.db'}",
+                                            "fallback_path": str(tmp / 'unstored.jsonl')}})
+    assert config.upstream.resolved_kind() == "demo" and config.guard.kind == "embedded"
+    # Start-up loads torch and the encoder: allow for a busy machine.
+    with serve_app(create_app(config), startup_timeout_s=120) as url:
+        yield url
+    monkeypatch.undo()
+
+
+def stream_prompt(url: str, prompt: str) -> tuple[str, str, dict[str, object]]:
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        stream = client.chat.completions.create(
+            model="guardrail-demo", messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        reasoning, content, summary = "", "", {}
+        for chunk in stream:
+            for choice in chunk.choices:
+                reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+                content += choice.delta.content or ""
+            summary = (chunk.model_extra or {}).get("guardrail", summary)
+    return reasoning, content, summary
+
+
+@pytest.mark.parametrize("trace", [t for t in TRACES if t.label == "safe"], ids=lambda t: t.id)
+def test_safe_demo_prompts_pass_untouched(default_proxy: str, trace: object) -> None:
+    reasoning, content, summary = stream_prompt(default_proxy, trace.prompt)  # type: ignore[attr-defined]
+    assert summary["action"] == "pass", summary
+    assert (reasoning, content) == (trace.reasoning, trace.answer)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("trace", [t for t in TRACES if t.label == "unsafe"], ids=lambda t: t.id)
+def test_unsafe_demo_prompts_are_corrected_midway(default_proxy: str, trace: object) -> None:
+    reasoning, content, summary = stream_prompt(default_proxy, trace.prompt)  # type: ignore[attr-defined]
+    cue: str = trace.compliance_cue  # type: ignore[attr-defined]
+    safe = trace.safe_continuation  # type: ignore[attr-defined]
+    assert cue not in reasoning  # cut at the commitment, or before it
+    assert trace.answer not in content  # type: ignore[attr-defined]
+    assert reasoning.endswith(safe.reasoning)
+    if trace.id in KNOWN_FALSE_POSITIVES:  # type: ignore[attr-defined]
+        # The embedded guard flags the model's own refusal of this request, so every round is
+        # cut again and the answer ends as the refusal (a known weakness: see the datasheet).
+        assert summary["action"] == "refused", summary
+        assert content.endswith("I can't help with that. If you have a related question that "
+                                "doesn't involve causing harm, I'm happy to help.")
+        return
+    # The default correction: cut, safety trigger, and the demo model goes on safely.
+    assert summary["action"] == "intervened", summary
+    assert content == safe.answer
+    case = httpx.get(f"{default_proxy}/admin/cases/{summary['case_id']}").json()
+    first = case["corrections"][0]
+    assert first["strategy"] == "intervene" and first["extra"]["form"] == "vllm"
+    assert cue in first["withheld"]
+    assert first["inserted"].strip() in reasoning
+    assert any(step["unsafe"] for step in case["steps"] if step["round"] == 0)
