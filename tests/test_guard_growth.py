@@ -11,10 +11,10 @@ import itertools
 import pytest
 
 from benchmarks.guard_growth import (
-    WIDE,
     LENGTHS,
     LIMIT,
     REQUEST,
+    WIDE,
     GrowthRow,
     check_naive_count,
     judge,
