@@ -21,6 +21,9 @@ printed and stored in the head's metadata.
 
     python -m offline.train_embedded_guard --data-dir ../shared/data
 
+``--export-heldout DIR`` writes the test split, by the same ``split_of`` and seed, as input for
+``guardrail check`` instead of training (see ``export_heldout``).
+
 Only Llama-licence-free sources are read (MIT, Apache-2.0, CC-BY-4.0, ODC-BY).
 """
 
@@ -101,6 +104,9 @@ class TrainEmbeddedGuardConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     save: bool = True
+    export_heldout: str | None = None
+    """A folder: write the held-out test split as ``guardrail check`` input (JSON lines) there,
+    and stop: nothing is trained or saved."""
 
 
 # -- examples ---------------------------------------------------------------------------------
@@ -299,6 +305,56 @@ def collect(config: TrainEmbeddedGuardConfig) -> tuple[list[Example], Counter[st
     return examples, counts
 
 
+# -- the held-out split as ``guardrail check`` input ---------------------------------------------
+
+
+def heldout_rows(config: TrainEmbeddedGuardConfig) -> dict[str, list[dict[str, Any]]]:
+    """The test split's rows, per file, as ``{"prompt", "response", "label"}`` lines.
+
+    ``responses``: JBB attack-artifact responses whose behaviour is in the test split (the
+    request as ``collect`` gives it, the whole response, the JBB judge's label). The look-alike
+    sets are judged as the datasheet judged them: a prompt shown as its own step, i.e. prompt =
+    response = the prompt (``probe``'s view); XSTest safe is all test, OR-Bench hard only its
+    test part."""
+    data = Path(config.data_dir)
+    if not data.is_dir():
+        raise SystemExit(f"{data}: no data folder (see --data-dir)")
+    responses: list[dict[str, Any]] = []
+    for file in sorted((data / "jailbreakbench" / "attack-artifacts").glob("*/*/*.json")):
+        for record in json.loads(file.read_text(encoding="utf-8")).get("jailbreaks", []):
+            if not record.get("response"):
+                continue
+            if split_of(f"jbb:{record['index']}", config) != "test":
+                continue
+            responses.append({
+                "id": f"{file.parent.parent.name}/{file.stem}/{record['index']}",
+                "prompt": record.get("prompt") or record["goal"],
+                "response": record["response"],
+                "label": "unsafe" if record["jailbroken"] else "safe",
+            })
+    xstest = [{"id": row["id"], "prompt": row["prompt"], "response": row["prompt"],
+               "label": "safe"}
+              for row in read_csv(data / "xstest" / "xstest_prompts.csv")
+              if row["label"] == "safe"]
+    or_bench = [{"prompt": row["prompt"], "response": row["prompt"], "label": "safe"}
+                for row in read_csv(data / "or_bench" / "or_bench-hard-1k.csv")
+                if split_of(row["prompt"], config) == "test"]
+    return {"responses": responses, "xstest_safe": xstest, "or_bench_hard": or_bench}
+
+
+def export_heldout(config: TrainEmbeddedGuardConfig, folder: Path) -> dict[str, int]:
+    """Writes ``heldout_rows`` as ``NAME.jsonl`` files in ``folder``; returns the line counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    for name, rows in heldout_rows(config).items():
+        with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as file:
+            for row in rows:
+                file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        counts[name] = len(rows)
+        print(f"wrote {folder / f'{name}.jsonl'} ({len(rows)} lines)", file=sys.stderr)
+    return counts
+
+
 # -- embeddings, cached on disk ----------------------------------------------------------------
 
 
@@ -494,6 +550,8 @@ def evaluate(examples: Sequence[Example], scores: Array, threshold: float) -> di
 def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
     from guardrail.guards.encoder import DEFAULT_ENCODER_NAME, default_encoder_path, load_encoder
 
+    if config.export_heldout:
+        return {"exported": export_heldout(config, Path(config.export_heldout))}
     started = time.perf_counter()
     blocks = tuple(block.strip() for block in config.blocks.split(",") if block.strip())
     unknown = [block for block in blocks if block not in BLOCKS]
@@ -555,7 +613,7 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
     metadata = {
         "trained_with": command_line(config),
         "config": {k: v for k, v in asdict(config).items()
-                   if k not in ("data_dir", "output_dir", "cache_dir", "save")},
+                   if k not in ("data_dir", "output_dir", "cache_dir", "save", "export_heldout")},
         "encoder_fingerprint": fingerprint,
         "source_records": dict(sorted(counts.items())),
         "examples": {f"{s}/{k}/{'unsafe' if y else 'safe'}": n
@@ -581,7 +639,7 @@ def command_line(config: Any, module: str = "offline.train_embedded_guard") -> s
     omitted)."""
     defaults = asdict(type(config)())
     options = [f"--{key.replace('_', '-')}={value}" for key, value in asdict(config).items()
-               if value != defaults[key] and key not in ("cache_dir", "save")]
+               if value != defaults[key] and key not in ("cache_dir", "save", "export_heldout")]
     return " ".join([f"python -m {module}", *options])
 
 

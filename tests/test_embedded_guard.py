@@ -370,3 +370,39 @@ def test_bad_heads_are_config_errors(tmp_path: Path) -> None:
                encoder="tiny-bert").save(tmp_path, REQUEST_HEAD_FILE)
     with pytest.raises(ConfigError, match="16-d"):
         EmbeddedGuard(GuardConfig(model=str(tmp_path)))
+
+
+async def test_micro_batching_is_adaptive() -> None:
+    """A lone request does not wait by default; requests that come while a batch runs are
+    collected and go together the moment it ends, even where the backend asked the first request
+    of a burst to wait for company."""
+    import threading
+
+    from guardrail.guards.microbatch import MicroBatcher
+
+    release = asyncio.Event()
+    dispatched = threading.Event()
+    calls: list[tuple[float, list[int]]] = []
+    loop = asyncio.get_running_loop()
+
+    def run(batch: list[int]) -> list[int]:
+        calls.append((time.perf_counter(), list(batch)))
+        dispatched.set()
+        if len(calls) == 1:  # hold the first batch until the others have queued
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=5)
+        return [item * 10 for item in batch]
+
+    assert MicroBatcher(run).max_wait_s == 0
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_batch=8, max_wait_s=0.3)
+    started = time.perf_counter()
+    first = asyncio.ensure_future(batcher.submit(1))
+    assert await asyncio.to_thread(dispatched.wait, 5)
+    assert calls[0][0] - started >= 0.25  # the idle batcher honoured its wait for company
+    later = [asyncio.ensure_future(batcher.submit(n)) for n in (2, 3, 4)]
+    await asyncio.sleep(0.01)
+    assert [batch for _, batch in calls] == [[1]]  # the others queue behind the running batch
+    released = time.perf_counter()
+    release.set()
+    assert await first == 10 and await asyncio.gather(*later) == [20, 30, 40]
+    assert [batch for _, batch in calls] == [[1], [2, 3, 4]] and batcher.batches == 2
+    assert calls[1][0] - released < 0.2  # ... and go as soon as it ends, with no second wait

@@ -84,7 +84,7 @@ class EmbeddedGuard:
         config: GuardConfig | None = None,
         *,
         max_batch: int = 32,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
     ) -> None:
         self.config = config or GuardConfig()
         head_file, self._encoder_path = resolve_model(self.config.model)

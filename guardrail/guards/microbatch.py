@@ -1,10 +1,14 @@
 """Micro-batching: concurrent single requests merged into one call on a worker thread.
 
 A CPU encoder costs about as much for a batch of eight short steps as for two, so when several
-streams (or several steps of one stream) ask at once, one forward pass answers them all. The
-first request of a burst waits at most ``max_wait_s`` for company (or until ``max_batch`` have
-come); while a batch runs, newcomers queue for the next one. One batch runs at a time per event
-loop, in a worker thread, so the loop never blocks on inference.
+streams (or several steps of one stream) ask at once, one forward pass answers them all.
+Batching is adaptive: when no batch is running, a request goes at once (with whatever was
+submitted in the same event-loop tick, e.g. by ``submit_many``), so a lone stream pays no
+waiting; while a batch runs, newcomers queue and the next batch takes them all as soon as it
+ends, so the batch size grows with the load by itself. A backend may still ask the first
+request of a burst to wait up to ``max_wait_s`` for company (default 0: it does not); queued
+requests never wait for more. One batch runs at a time per event loop, in a worker thread, so
+the loop never blocks on inference.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class MicroBatcher(Generic[T, R]):
         run: Callable[[list[T]], Sequence[R]],
         *,
         max_batch: int = 32,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
     ) -> None:
         if max_batch < 1 or max_wait_s < 0:
             raise ValueError("need max_batch >= 1 and max_wait_s >= 0")
@@ -66,11 +70,13 @@ class MicroBatcher(Generic[T, R]):
 
     async def _work(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
         try:
+            idle = True  # only a burst that found the batcher idle may wait for company
             while state.pending:
-                if len(state.pending) < self.max_batch and self.max_wait_s > 0:
+                if idle and len(state.pending) < self.max_batch and self.max_wait_s > 0:
                     state.wakeup = loop.create_future()
                     await asyncio.wait({state.wakeup}, timeout=self.max_wait_s)
                     state.wakeup = None
+                idle = False
                 batch = state.pending[: self.max_batch]
                 del state.pending[: self.max_batch]
                 live = [(item, future) for item, future in batch if not future.done()]
