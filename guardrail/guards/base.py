@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +45,20 @@ class Verdict:
 
 
 SAFE = Verdict(unsafe=False)
+
+
+async def check_each(
+    check: Callable[[GuardView], Awaitable[Verdict]], views: Sequence[GuardView]
+) -> list[Verdict]:
+    """Every view checked concurrently, in order. All checks finish before the first error is
+    raised, so none is left running behind it."""
+    results = await asyncio.gather(*(check(view) for view in views), return_exceptions=True)
+    verdicts: list[Verdict] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        verdicts.append(result)
+    return verdicts
 
 
 class Guard(Protocol):

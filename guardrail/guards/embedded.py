@@ -28,7 +28,6 @@ runs in a worker thread, and concurrent checks are micro-batched into one forwar
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.base import GuardView, Verdict, check_each
 from guardrail.guards.linear_head import HEAD_FILE, LinearHead, ViewFeaturizer, load_head
 from guardrail.guards.microbatch import MicroBatcher
 
@@ -212,14 +211,7 @@ class EmbeddedGuard:
     async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
         """Every view joins the same micro-batches as concurrent ``check`` calls; all finish
         before an error is raised."""
-        results = await asyncio.gather(*(self.check(view) for view in views),
-                                       return_exceptions=True)
-        verdicts: list[Verdict] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            verdicts.append(result)
-        return verdicts
+        return await check_each(self.check, views)
 
     async def aclose(self) -> None:
         with self._load_lock:

@@ -18,7 +18,7 @@ from typing import Any
 
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.base import GuardView, Verdict, check_each
 from guardrail.guards.chat_endpoint import GuardEndpoint
 from guardrail.guards.hf_runner import RUNNER_OPTIONS, HFRunner, RunnerSettings
 from guardrail.guards.neutralise import Markers, neutralise
@@ -132,14 +132,7 @@ class GenerativeGuard:
     async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
         """All at once (they share micro-batches in-process, and the server batches concurrent
         requests); every check finishes before an error is raised."""
-        results = await asyncio.gather(*(self.check(view) for view in views),
-                                       return_exceptions=True)
-        verdicts: list[Verdict] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            verdicts.append(result)
-        return verdicts
+        return await check_each(self.check, views)
 
     async def aclose(self) -> None:
         """Nothing to release by default."""

@@ -14,7 +14,6 @@ misses. Without logprobs the text decides, and the score is recorded as 1.0 / 0.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from typing import Any
 
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.base import GuardView, Verdict, check_each
 from guardrail.guards.chat_endpoint import GuardEndpoint
 from guardrail.guards.llama_guard_format import build_messages, parse_verdict, score_from_logprobs
 
@@ -91,14 +90,7 @@ class LlamaGuardEndpoint:
 
         Every check finishes before an error is raised, so no request is left running.
         """
-        results = await asyncio.gather(*(self.check(view) for view in views),
-                                       return_exceptions=True)
-        verdicts: list[Verdict] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            verdicts.append(result)
-        return verdicts
+        return await check_each(self.check, views)
 
     async def aclose(self) -> None:
         await self._endpoint.aclose()

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.events import Channel
-from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.base import GuardView, Verdict, check_each
 from guardrail.guards.llama_guard_format import CATEGORIES
 
 # Must be set before litellm is first imported (it would fetch its price map from GitHub).
@@ -409,14 +409,7 @@ class LLMJudgeGuard:
     async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
         """Concurrently (at most ``options.max_concurrency`` at once); every call finishes
         before an error is raised, so none is left running."""
-        results = await asyncio.gather(*(self.check(view) for view in views),
-                                       return_exceptions=True)
-        verdicts: list[Verdict] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            verdicts.append(result)
-        return verdicts
+        return await check_each(self.check, views)
 
     async def aclose(self) -> None:
         from guardrail.upstreams.litellm_upstream import close_litellm_clients

@@ -25,7 +25,6 @@ thread so the event loop never blocks on the GPU. vLLM is imported only when thi
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.base import GuardView, Verdict, check_each
 from guardrail.guards.llama_guard_format import (
     build_messages,
     parse_verdict,
@@ -255,14 +254,7 @@ class VLLMGuard:
     async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
         """All in as few ``LLM.chat`` calls as ``options.batch_size`` allows. A malformed
         answer fails the whole call, after every check is done."""
-        results = await asyncio.gather(*(self.check(view) for view in views),
-                                       return_exceptions=True)
-        verdicts: list[Verdict] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            verdicts.append(result)
-        return verdicts
+        return await check_each(self.check, views)
 
     async def aclose(self) -> None:
         # vLLM frees the GPU when the engine is garbage-collected; no public close exists in
