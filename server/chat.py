@@ -96,6 +96,11 @@ async def chat_completions(request: Request) -> Response:
         # Wait for the upstream's first event, so an upstream that cannot be reached is an HTTP
         # error (502) rather than a stream that starts and then fails.
         first = await anext(events)
+        if parsed.stream:
+            # A stream sends the case id in its headers now but stores the case when it ends:
+            # store it first, so a crash mid-stream cannot leave the client an id of nothing.
+            # (The other answers below are sent only after _finish has stored the case.)
+            await services.recorder.begin(case)
     except GuardrailError as error:
         await _finish(services, case, events, error=error)
         return guardrail_error_response(error, headers=headers)

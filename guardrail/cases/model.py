@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 Action = Literal["pass", "intervened", "rewritten", "refused", "blocked", "error"]
+CaseStatus = Literal["in_progress", "complete"]
 
 
 def new_case_id() -> str:
@@ -81,6 +82,9 @@ class Case(BaseModel):
     usage: dict[str, Any] | None = None
     timings: Timings = Field(default_factory=Timings)
     error: str | None = None
+    status: CaseStatus = "complete"
+    """``in_progress`` while the response is still being sent (stored as it starts, so a crash
+    loses no case id a client was given); ``complete`` once it has ended, however it ended."""
 
     @property
     def checks(self) -> int:

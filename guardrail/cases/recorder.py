@@ -34,21 +34,35 @@ class CaseRecorder:
         # Lines from this process never interleave; O_APPEND keeps other processes' whole too.
         self._lock = threading.Lock()
 
+    async def begin(self, case: Case) -> None:
+        """Store the case as it stands, marked ``in_progress``, before its response starts.
+
+        The client learns the case id from the response headers, long before :meth:`record`
+        stores the finished case; a crash in between would leave the id pointing at nothing.
+        One upsert of a snapshot (the live case keeps changing while the response streams);
+        :meth:`record` later replaces it. A failure goes to the fallback file, as in record."""
+        await self._store(case.model_copy(update={"status": "in_progress"}))
+
     async def record(self, case: Case) -> bool:
         """Store the case; True if the store took it, False if it went to the fallback file."""
+        return await self._store(case)
+
+    async def _store(self, case: Case) -> bool:
         try:
             await self.store.put(case)
         except asyncio.CancelledError:
             # The request was cancelled mid-write (client gone, shutdown): whether the row
             # landed is unknown, so keep a copy (a replay upserts by id, duplicates are harmless)
             # and let the cancellation go on.
-            self._keep(case, "cancelled while storing")
+            self._keep(case.id, self._line(case), "cancelled while storing")
             raise
         except Exception as exc:
             logger.warning(
                 "case %s not stored (%s); appending it to %s", case.id, exc, self.fallback_path
             )
-            await asyncio.to_thread(self._keep, case, str(exc))
+            # Serialised here, on the event loop: a snapshot from begin() shares its lists with
+            # the live case, which the stream may change while the worker thread writes.
+            await asyncio.to_thread(self._keep, case.id, self._line(case), str(exc))
             if self.on_failure is not None:
                 try:
                     self.on_failure(exc)
@@ -57,8 +71,11 @@ class CaseRecorder:
             return False
         return True
 
-    def _keep(self, case: Case, reason: str) -> None:
-        line = (case.model_dump_json() + "\n").encode()
+    @staticmethod
+    def _line(case: Case) -> bytes:
+        return (case.model_dump_json() + "\n").encode()
+
+    def _keep(self, case_id: str, line: bytes, reason: str) -> None:
         try:
             self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
@@ -76,7 +93,7 @@ class CaseRecorder:
             # Both the store and the disk failed: the log is the last place left to keep it.
             logger.exception(
                 "case %s lost by store (%s) and by fallback file %s; record follows: %s",
-                case.id, reason, self.fallback_path, line.decode().rstrip("\n"),
+                case_id, reason, self.fallback_path, line.decode().rstrip("\n"),
             )
 
 
