@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from guardrail.errors import ConfigError
 
@@ -133,6 +133,31 @@ class StoreConfig(_Section):
     url: str = "sqlite:///data/cases.db"
     fallback_path: str = "data/cases-unstored.jsonl"
     """Where a case goes if the store cannot take it, so that no record is lost."""
+    redact: list[str] = Field(default_factory=list)
+    """Case fields blanked before a case is stored (``request``, ``steps.text``, ``withheld``...,
+    see ``guardrail.cases.redact.REDACTABLE``), for deployments that may not keep user text."""
+
+    @field_validator("redact")
+    @classmethod
+    def _known_fields(cls, value: list[str]) -> list[str]:
+        # Imported here: guardrail.cases imports this module, and the names live with the code
+        # that blanks them, so the two cannot drift apart.
+        from guardrail.cases.redact import REDACTABLE
+
+        unknown = [name for name in value if name not in REDACTABLE]
+        if unknown:
+            raise ValueError(f"unknown case field(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(REDACTABLE)}")
+        return value
+
+
+class RateLimitConfig(_Section):
+    """A token bucket per API key (per client address when auth is off) on chat completions."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """None = no limit."""
+    burst: int | None = Field(default=None, ge=1)
+    """Requests allowed at once after a quiet spell; by default ``requests_per_minute``."""
 
 
 class ServerConfig(_Section):
@@ -144,6 +169,9 @@ class ServerConfig(_Section):
         "reasoning_content"
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    cors_origins: list[str] = Field(default_factory=list)
+    """Browser origins allowed to call the proxy; empty = no CORS headers at all."""
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
 
 class Config(_Section):

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.middleware.cors import CORSMiddleware
 
 from guardrail import __version__
 from guardrail.config import Config
@@ -16,6 +17,7 @@ from guardrail.errors import ConfigError, GuardrailError
 from server import admin, chat
 from server.body_limit import BodyLimitMiddleware
 from server.errors import guardrail_error_response, install_error_handlers
+from server.rate_limit import RateLimitMiddleware
 from server.services import Services
 
 
@@ -39,7 +41,19 @@ def create_app(config: Config | None = None) -> FastAPI:
     app = FastAPI(title="reasoning guardrail", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    # Starlette runs the last added middleware first: CORS answers preflights before anything
+    # else, and a rate-limited request is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
+    if config.server.rate_limit.requests_per_minute is not None:
+        app.add_middleware(RateLimitMiddleware, server=config.server)
+    if config.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.server.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["x-guardrail-case-id"],
+        )
     app.include_router(chat.router)
     app.include_router(admin.router)
 

@@ -4,26 +4,40 @@ ones. An admin key also works on client routes; a client key on admin routes is 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
+from starlette.datastructures import Headers
 
 from guardrail.config import ServerConfig
 from server.errors import ClientError
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def bearer_token(headers: Headers) -> str | None:
+    """The key a client sent: ``Authorization: Bearer``, or ``api-key`` / ``x-api-key``
+    (Azure-style clients). Keys are only ever read from headers, never from the query string,
+    so they cannot reach an access log, which records the path and query."""
+    header = headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    api_key = request.headers.get("api-key") or request.headers.get("x-api-key")
+    api_key = headers.get("api-key") or headers.get("x-api-key")
     return api_key.strip() if api_key else None
 
 
-def _known(token: str, keys: list[str]) -> bool:
-    # Compare every key in constant time so response timing does not reveal key prefixes.
-    return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def is_known_key(token: str, keys: list[str]) -> bool:
+    """Constant time: equal-length digests, so timing reveals neither a matching prefix nor a
+    key's length, and every key is compared, so it does not reveal which one matched."""
+    presented = _digest(token)
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented, _digest(key))
+    return found
 
 
 class Authenticator:
@@ -34,11 +48,11 @@ class Authenticator:
     def client(self, request: Request) -> None:
         if not self.api_keys:
             return
-        token = _bearer(request)
+        token = bearer_token(request.headers)
         if token is None:
             raise ClientError(401, "missing API key: send 'Authorization: Bearer <key>'",
                               error_type="authentication_error", code="invalid_api_key")
-        if not (_known(token, self.api_keys) or _known(token, self.admin_keys)):
+        if not (is_known_key(token, self.api_keys) or is_known_key(token, self.admin_keys)):
             raise ClientError(401, "invalid API key", error_type="authentication_error",
                               code="invalid_api_key")
 
@@ -48,13 +62,13 @@ class Authenticator:
                 return  # no auth configured at all
             raise ClientError(403, "admin routes are disabled: no server.admin_keys configured",
                               error_type="permission_error")
-        token = _bearer(request)
+        token = bearer_token(request.headers)
         if token is None:
             raise ClientError(401, "missing admin key: send 'Authorization: Bearer <key>'",
                               error_type="authentication_error", code="invalid_api_key")
-        if _known(token, self.admin_keys):
+        if is_known_key(token, self.admin_keys):
             return
-        if _known(token, self.api_keys):
+        if is_known_key(token, self.api_keys):
             raise ClientError(403, "this key may not use admin routes",
                               error_type="permission_error")
         raise ClientError(401, "invalid admin key", error_type="authentication_error",

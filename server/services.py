@@ -66,7 +66,8 @@ class Services:
         stats = find_stats(guard)
         if stats is not None:  # a cascade: how often it escalates, as guardrail_guard_stats_total
             metrics.registry.register(GuardStatsCollector(stats))
-        recorder = CaseRecorder(store, config.store.fallback_path, on_failure=on_store_failure)
+        recorder = CaseRecorder(store, config.store.fallback_path, on_failure=on_store_failure,
+                                redact=config.store.redact)
         return cls(config, upstream, guard, corrector, store, recorder, metrics,
                    Authenticator(config.server))
 

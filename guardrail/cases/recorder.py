@@ -12,11 +12,12 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from guardrail.cases.base import CaseStore
 from guardrail.cases.model import Case
+from guardrail.cases.redact import redact
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,13 @@ class CaseRecorder:
         store: CaseStore,
         fallback_path: str | Path,
         on_failure: Callable[[Exception], None] | None = None,
+        redact: Sequence[str] = (),
     ) -> None:
         self.store = store
         self.fallback_path = Path(fallback_path)
         self.on_failure = on_failure
+        self.redact = tuple(redact)
+        """Case fields blanked before anything is written (store.redact)."""
         # Lines from this process never interleave; O_APPEND keeps other processes' whole too.
         self._lock = threading.Lock()
 
@@ -48,6 +52,8 @@ class CaseRecorder:
         return await self._store(case)
 
     async def _store(self, case: Case) -> bool:
+        # Redacted here, so the in-progress row, the final row and the fallback line all are.
+        case = redact(case, self.redact)
         try:
             await self.store.put(case)
         except asyncio.CancelledError:
