@@ -50,6 +50,13 @@ def _parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
     if not isinstance(body, dict):
         raise ClientError(400, "request body must be a JSON object")
     try:
+        # JSON allows escapes such as "\ud800" (a lone surrogate) that no UTF-8 text holds: they
+        # could reach neither the model nor the case store.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ClientError(400, "request body is not valid JSON: a string holds a lone "
+                          "surrogate escape (not valid Unicode text)") from None
+    try:
         parsed = ChatCompletionRequest.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]

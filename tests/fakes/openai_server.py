@@ -25,6 +25,9 @@ API
                                   ``die_mode="eof"`` ends the body cleanly without ``[DONE]``;
     ``error_after_chunks``        send that many events, then an error object, then ``[DONE]``
                                   (what vLLM does when generation fails mid-stream);
+    ``malformed_after_chunks``    send that many events, then ``malformed_event`` (raw text,
+                                  default a ``data:`` line that is not JSON), then the rest as
+                                  usual (a broken gateway or a buggy server in between);
     ``keepalive_every``           an SSE comment (``: keep-alive``) every N events;
     ``write_bytes``               re-split the byte stream into writes of N bytes, so events
                                   (and UTF-8 characters) straddle network chunks;
@@ -90,6 +93,8 @@ class FakeReply:
     die_after_chunks: int | None = None
     die_mode: Literal["reset", "eof"] = "reset"
     error_after_chunks: int | None = None
+    malformed_after_chunks: int | None = None
+    malformed_event: str = "data: {\"choices\": [{\"delta\": not json\n\n"
     keepalive_every: int | None = None
     write_bytes: int | None = None
     http_status: int | None = None
@@ -433,6 +438,8 @@ class _Stream:
             for number, event in enumerate(events[:limit] if limit is not None else events):
                 if reply.keepalive_every and number and number % reply.keepalive_every == 0:
                     await self._write(": keep-alive\n\n")
+                if number == reply.malformed_after_chunks:
+                    await self._write(reply.malformed_event)
                 if not await self._write(event):
                     self.record.disconnected = True
                     return
