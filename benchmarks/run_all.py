@@ -13,6 +13,7 @@ import sys
 
 BENCHMARKS = (
     ("proxy overhead", ["-m", "benchmarks.proxy_overhead", "--requests", "100"]),
+    ("guarded stream: added latency L, not S x L", ["-m", "benchmarks.guarded_stream_latency"]),
     ("guard cost as traces grow", ["-m", "benchmarks.guard_growth"]),
     ("embedded guard latency", ["benchmarks/embedded_guard_latency.py",
                                 "--concurrency", "1,4,16,32"]),
