@@ -20,7 +20,6 @@ from guardrail.continuation import (
 )
 from guardrail.correctors.base import CorrectionContext, CorrectionPlan, Corrector
 from guardrail.correctors.simple import RefuseCorrector
-from guardrail.errors import ConfigError
 from guardrail.events import TextDelta
 from guardrail.triggers import choose_trigger
 
@@ -112,11 +111,3 @@ class InterveneCorrector:
 
     async def aclose(self) -> None:
         await self._fallback.aclose()
-
-
-def check_intervene_config(config: CorrectionConfig) -> None:
-    if config.continuation == "completions" and config.chat_template:
-        load_template(config.chat_template)
-    if config.fallback == "rewrite" and not config.rewrite.model:
-        raise ConfigError("correction.rewrite.model: required when correction.fallback is "
-                          "rewrite")
