@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
@@ -357,6 +358,50 @@ async def test_openai_cancelled_consumer_disconnects_the_upstream(fake: StartFak
         assert record.disconnected and not record.completed
     finally:
         await upstream.aclose()
+
+
+async def test_openai_reuses_its_connection_after_a_finished_stream(fake: StartFake) -> None:
+    # A response closed before its body ended drops the connection; reading to the end after
+    # [DONE] lets the next request reuse it instead of paying for a new one.
+    app, url = fake(reply())
+    upstream = await open_upstream(url)
+    try:
+        for _ in range(3):
+            assert_well_formed(await collect(upstream.stream(chat())))
+        ports = {record.client for record in app.chat_requests}
+        assert len(app.chat_requests) == 3 and len(ports) == 1, ports
+    finally:
+        await upstream.aclose()
+
+
+async def test_openai_server_holding_the_body_open_after_done_is_cut_off() -> None:
+    # Some servers keep the body open after [DONE]; the stream must still end promptly.
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop"}]}
+    released = threading.Event()
+
+    async def held_open(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for event in (chunk, "[DONE]"):
+            data = event if isinstance(event, str) else json.dumps(event)
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(),
+                        "more_body": True})
+        await asyncio.to_thread(released.wait, 30)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    with serve_app(held_open) as url:
+        upstream = await open_upstream(f"{url}/v1")
+        try:
+            started = time.perf_counter()
+            events = await collect(upstream.stream(chat()))
+            assert time.perf_counter() - started < 5
+            assert texts(events) == ("", "Hi.") and Finish("stop") in events
+        finally:
+            released.set()
+            await upstream.aclose()
 
 
 async def test_openai_list_models(fake: StartFake) -> None:

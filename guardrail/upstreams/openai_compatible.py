@@ -7,6 +7,8 @@ reach vLLM), and maps transport failures onto the library's exception tree.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -41,6 +43,7 @@ from guardrail.upstreams.chunks import ChunkMapper
 from guardrail.upstreams.sse import SSEDecoder
 
 logger = logging.getLogger(__name__)
+_AFTER_DONE_S = 0.25
 
 # Request headers from the client that must not be forwarded: they describe the client's own
 # connection or credentials, not the request.
@@ -199,6 +202,8 @@ class OpenAICompatibleUpstream:
                     chunk = _parse_chunk(payload)
                     for event in mapper.feed(adapt(chunk) if adapt else chunk):
                         yield event
+                if done:
+                    await _read_to_end(payloads)
             if not done and not mapper.finished:
                 raise UpstreamStreamBroken(
                     "upstream stream ended without [DONE] or a finish reason"
@@ -271,6 +276,16 @@ async def _sse_payloads(response: httpx.Response) -> AsyncGenerator[str, None]:
     payload = decoder.flush()
     if payload is not None:
         yield payload
+
+
+async def _read_to_end(payloads: AsyncGenerator[str, None]) -> None:
+    """Read what follows ``[DONE]``: normally nothing but the end of the body. A response closed
+    before its end drops its connection, and every request would then pay for a new one; a
+    server that keeps the body open after ``[DONE]`` gets a moment, then is cut off."""
+    with contextlib.suppress(TimeoutError, UpstreamError):
+        async with asyncio.timeout(_AFTER_DONE_S):
+            async for _ in payloads:
+                pass
 
 
 def _parse_chunk(payload: str) -> dict[str, Any]:

@@ -47,9 +47,10 @@ bad JSON or no ``messages`` gets 400 — all as ``{"error": {"message", "type", 
 
 Recording (``app.requests``, a list of :class:`RecordedRequest`, appended as requests arrive):
 ``method``, ``path``, ``headers`` (lower-case names), ``body`` (parsed JSON, unknown fields
-kept), and for streamed chat requests ``chunks_sent``, ``completed`` (``[DONE]`` written),
-``disconnected`` (the client went away before the end) and ``ended`` (a ``threading.Event`` set
-when the stream is over either way: ``rec.ended.wait(2)`` in tests).
+kept), ``client`` (address and port: the same port means the same connection), and for
+streamed chat requests ``chunks_sent``, ``completed`` (``[DONE]`` written), ``disconnected``
+(the client went away before the end) and ``ended`` (a ``threading.Event`` set when the
+stream is over either way: ``rec.ended.wait(2)`` in tests).
 ``app.chat_requests`` filters chat completions; ``app.reset()`` clears the recording.
 """
 
@@ -107,6 +108,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: Any = None
+    client: tuple[str, int] | None = None
+    """The client's address and port: one port for several requests is one connection."""
     streamed: bool = False
     chunks_sent: int = 0
     completed: bool = False
@@ -200,7 +203,9 @@ class FakeOpenAIApp:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1")
                    for key, value in scope.get("headers", [])}
         path: str = scope["path"]
-        record = RecordedRequest(method=scope["method"], path=path, headers=headers)
+        client = scope.get("client")
+        record = RecordedRequest(method=scope["method"], path=path, headers=headers,
+                                 client=tuple(client) if client else None)
         self.requests.append(record)
         try:
             # DeepSeek serves its beta features (chat prefix completion) under /beta.
