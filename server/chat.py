@@ -7,6 +7,7 @@ client that leaves).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -99,20 +100,24 @@ async def chat_completions(request: Request) -> Response:
     events = monitor.events()
     writer = ChunkWriter(f"chatcmpl-{case.id.removeprefix('case_')}", model,
                          config.server.reasoning_field)
+    begun: asyncio.Task[None] | None = None
+    if parsed.stream:
+        # A stream sends the case id in its headers but stores the case when it ends: store it
+        # before the headers go, so a crash mid-stream cannot leave the client an id of nothing.
+        # Started now, so the write overlaps the wait for the model rather than adding to it.
+        # (The other answers below are sent only after _finish has stored the case.)
+        begun = asyncio.create_task(services.recorder.begin(case))
     try:
         # Wait for the upstream's first event, so an upstream that cannot be reached is an HTTP
         # error (502) rather than a stream that starts and then fails.
         first = await anext(events)
-        if parsed.stream:
-            # A stream sends the case id in its headers now but stores the case when it ends:
-            # store it first, so a crash mid-stream cannot leave the client an id of nothing.
-            # (The other answers below are sent only after _finish has stored the case.)
-            await services.recorder.begin(case)
+        if begun is not None:
+            await asyncio.shield(begun)
     except GuardrailError as error:
-        await _finish(services, case, events, error=error)
+        await _finish(services, case, events, error=error, begun=begun)
         return guardrail_error_response(error, headers=headers)
     except BaseException:
-        await _finish(services, case, events)
+        await _finish(services, case, events, begun=begun)
         raise
     if parsed.stream:
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -222,10 +227,14 @@ async def _finish(
     case: Case,
     events: AsyncIterator[OutputEvent],
     error: BaseException | None = None,
+    begun: asyncio.Task[None] | None = None,
 ) -> None:
     """Stop the guarded stream, count the outcome and store the case: shielded, so a client
-    that leaves cannot cut it short."""
+    that leaves cannot cut it short. ``begun`` is the in-progress write, if one was started:
+    it must land before the final one, which it would otherwise overwrite."""
     with anyio.CancelScope(shield=True):
+        if begun is not None:
+            await asyncio.gather(begun, return_exceptions=True)
         finished_normally = case.finish_reason is not None or error is not None
         aclose = getattr(events, "aclose", None)
         if aclose is not None:

@@ -164,6 +164,9 @@ def test_upstream_answering_500(tmp_path: Path, probe: list[LoopProbe], stream: 
         assert "CUDA out of memory" in error["message"]
         case = stored_case(proxy, response.headers["x-guardrail-case-id"])
         assert case["action"] == "error" and "CUDA out of memory" in case["error"]
+        # A stream's in-progress write starts before the upstream answers: it must land before
+        # the final record, never over it.
+        assert case["status"] == "complete"
         assert probe[0].settles_to(baseline) == baseline
         assert_next_request_is_normal(proxy)
 
