@@ -38,6 +38,7 @@ from guardrail.upstreams.base import ChatRequest, Upstream
 from guardrail.views import build_view, request_text
 
 logger = logging.getLogger(__name__)
+_YIELD_EVERY = 16
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -243,8 +244,14 @@ class GuardedStream:
         self, source: AsyncIterator[UpstreamEvent], state: _RoundState, round_number: int
     ) -> None:
         current: Channel | None = None
+        handled = 0
         try:
             async for event in source:
+                handled += 1
+                if handled % _YIELD_EVERY == 0:
+                    # A burst already in the socket buffer is read without ever suspending;
+                    # let the rest of the loop (other streams, this one's sender) run meanwhile.
+                    await asyncio.sleep(0)
                 if isinstance(event, TextDelta):
                     if self._first_token_at is None:
                         self._first_token_at = time.perf_counter()

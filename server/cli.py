@@ -49,6 +49,9 @@ def check_backends(config: Config) -> None:
                                       f"known: {', '.join(registry.names())}")
 
 
+_THREAD_SWITCH_INTERVAL_S = 0.0005
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -65,6 +68,12 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # One line per upstream call says nothing the access log does not; warnings still show.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Store writes and CPU guard inference run in worker threads. While the event loop is busy
+    # (many streams, or one fast one) a thread that finished waits for the GIL up to the switch
+    # interval, 5 ms by default, and a stream's first byte waits on its case write.
+    sys.setswitchinterval(_THREAD_SWITCH_INTERVAL_S)
     print(_describe_start(config), file=sys.stderr, flush=True)
     print(f"guardrail: listening on http://{config.server.host}:{config.server.port}/v1",
           file=sys.stderr, flush=True)
