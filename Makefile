@@ -9,6 +9,10 @@ CONSTRAINTS ?= constraints/cpu.txt
 PIP_CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 CONFIG ?=
 PYTEST_ARGS ?=
+# The peer `make bench` compares with: LiteLLM's proxy, in a virtualenv of its own so that its
+# many pins never touch ours. The same LiteLLM release this project is tested with.
+PEER_VENV ?= .venv-litellm
+PEER_LITELLM ?= litellm[proxy]==1.106.2
 
 .PHONY: install serve test lint typecheck unit bench clean
 
@@ -34,8 +38,15 @@ typecheck: install
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: install
-	$(BIN)/python -m benchmarks.run_all
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install --quiet '$(PEER_LITELLM)'
+	touch $@
+
+# Every benchmark, one after another (about 12 minutes on 2 cores); writes benchmarks/RESULTS.md.
+bench: install $(PEER_VENV)/.installed
+	LITELLM_PROXY_BIN=$(PEER_VENV)/bin/litellm $(BIN)/python -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import time
 
@@ -79,15 +77,18 @@ async def main(levels: list[int], steps: int) -> None:
 
     import torch
 
-    print(f"machine: {os.cpu_count()} CPU cores ({platform.machine()}), "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
-          f"guard load {load_s:.1f}s")
-    print(f"{'concurrency':>11} {'checks':>6} {'median ms':>9} {'p95 ms':>8} "
-          f"{'checks/s':>8} {'per pass':>8}")
+    print("## embedded_guard_latency.py: the embedded guard's latency per step\n")
+    print(f"`python benchmarks/embedded_guard_latency.py --concurrency "
+          f"{','.join(map(str, levels))}`: {steps} benign steps checked by each of N concurrent "
+          f"streams; torch {torch.__version__} with {torch.get_num_threads()} threads; guard "
+          f"load {load_s:.1f} s. Aim: at most 10 ms median per step.\n")
+    print("| concurrent streams | checks | median ms | p95 ms | checks/s "
+          "| steps per forward pass |")
+    print("|---|---|---|---|---|---|")
     for level in levels:
         row = await run_level(guard, level, steps)
-        print(f"{level:>11} {row['checks']:>6.0f} {row['median_ms']:>9.1f} {row['p95_ms']:>8.1f} "
-              f"{row['checks_per_s']:>8.1f} {row['checks_per_batch']:>8.1f}")
+        print(f"| {level} | {row['checks']:.0f} | {row['median_ms']:.1f} | {row['p95_ms']:.1f} "
+              f"| {row['checks_per_s']:.1f} | {row['checks_per_batch']:.1f} |")
     await guard.aclose()
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import random
 import sys
 import time
@@ -216,21 +215,22 @@ def judge(rows: Sequence[GrowthRow]) -> Verdicts:
 
 
 def report(rows: Sequence[GrowthRow], title: str) -> Verdicts:
-    print(title)
-    print(f"{'trace tokens':>12} {'steps':>6} {'bounded':>9} {'per token':>9} "
-          f"{'largest check':>13} {'naive':>11} {'per token':>9}")
+    print(f"\n### {title}\n")
+    print("| trace tokens | steps | bounded: guard tokens | per trace token | largest check "
+          "| naive: guard tokens | per trace token |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"{row.trace_tokens:>12} {row.steps:>6} {row.bounded_tokens:>9} "
-              f"{row.bounded_ratio:>9.2f} {row.max_view_tokens:>13} {row.naive_tokens:>11} "
-              f"{row.naive_ratio:>9.1f}")
+        print(f"| {row.trace_tokens:,} | {row.steps} | {row.bounded_tokens:,} "
+              f"| {row.bounded_ratio:.2f} | {row.max_view_tokens} | {row.naive_tokens:,} "
+              f"| {row.naive_ratio:.1f} |")
     bounded = [row.bounded_ratio for row in rows]
     naive = [row.naive_ratio for row in rows]
     verdicts = judge(rows)
-    print(f"bounded: {'flat' if verdicts.flat else 'NOT flat'} "
+    print(f"\nBounded: {'flat' if verdicts.flat else 'NOT flat'} "
           f"({min(bounded):.2f}-{max(bounded):.2f}), "
           f"{'within' if verdicts.within else 'ABOVE'} the bound of {LIMIT:g}; "
           f"naive: {'grows' if verdicts.grows else 'does NOT grow'} "
-          f"({naive[0]:.1f} -> {naive[-1]:.1f})\n")
+          f"({naive[0]:.1f} -> {naive[-1]:.1f}).")
     return verdicts
 
 
@@ -251,8 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Without options: the defaults (which must be within the bound) and a wider view to compare.
     settings: list[dict[str, object]] = [chosen] if chosen else [{}, dict(WIDE)]
     started = time.perf_counter()
-    print(f"guard input tokens per trace token (Llama Guard messages; tokens: {args.tokens}; "
-          f"request: {count(REQUEST)} tokens; {platform.machine()})\n")
+    print("## guard_growth.py: guard cost as traces grow\n")
+    print(f"`python -m benchmarks.guard_growth`: guard input tokens (the Llama Guard messages; "
+          f"tokens: {args.tokens}; the request is {count(REQUEST)} tokens) per trace token, with "
+          "the view the monitor builds (the request, `guard.window_steps` earlier steps, the "
+          "step) against the naive re-check of the whole prefix.")
     all_ok = True
     for setting in settings:
         guard = GuardConfig.model_validate(
@@ -269,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         must_be_within = setting != WIDE
         all_ok = (all_ok and verdicts.flat and verdicts.grows
                   and (verdicts.within or not must_be_within))
-    print(f"({time.perf_counter() - started:.1f}s)")
+    print(f"\n({time.perf_counter() - started:.1f} s)")
     return 0 if all_ok else 1
 
 

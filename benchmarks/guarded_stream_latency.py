@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -47,11 +46,14 @@ def run(steps: int, latencies: list[float], repeats: int, pace_s: float) -> None
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         upstream = stack.enter_context(serve_app(create_fake_openai_app(reply)))
         client = stack.enter_context(httpx.Client(timeout=120))
-        print(f"machine: {platform.machine()}; {steps} steps of ~{len(SENTENCE)} characters, "
-              f"streamed in 16-character chunks every {pace_s * 1000:.0f} ms; median of "
-              f"{repeats} streamed responses")
-        print(f"{'guard latency L':>16} {'no guard s':>11} {'guarded s':>10} {'added s':>8} "
-              f"{'L':>6} {'S x L':>7}")
+        print("## guarded_stream_latency.py: a guard of latency L adds about L, not S x L\n")
+        print(f"`python -m benchmarks.guarded_stream_latency`: a streamed response of {steps} "
+              f"reasoning steps (~{len(SENTENCE)} characters each, 16-character chunks every "
+              f"{pace_s * 1000:.0f} ms) through the proxy with no guard and in strict mode with "
+              "a Llama Guard fake that answers every check after L seconds; median of "
+              f"{repeats} responses; seconds.\n")
+        print("| guard latency L | no guard | strict + guard | added | S x L |")
+        print("|---|---|---|---|---|")
         for latency in latencies:
             fake_guard = FakeLlamaGuard(delay_s=latency, rules={})
             guard_url = stack.enter_context(serve_app(fake_guard.app()))
@@ -69,8 +71,10 @@ def run(steps: int, latencies: list[float], repeats: int, pace_s: float) -> None
                 rows[name] = statistics.median(timed_stream(client, proxy)
                                                for _ in range(repeats))
             added = rows["llama-guard"] - rows["none"]
-            print(f"{latency:>16.3f} {rows['none']:>11.3f} {rows['llama-guard']:>10.3f} "
-                  f"{added:>8.3f} {latency:>6.3f} {steps * latency:>7.3f}")
+            print(f"| {latency:.3f} | {rows['none']:.3f} | {rows['llama-guard']:.3f} "
+                  f"| {added:.3f} | {steps * latency:.3f} |")
+        print("\nChecks run while the model generates, so a response pays about one guard "
+              "latency (the last step's), not one per step.")
 
 
 def main() -> None:

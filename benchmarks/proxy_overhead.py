@@ -1,97 +1,214 @@
-"""Proxy overhead: the same requests sent straight to a vLLM-like fake model server and
-through the proxy (no guard; and strict mode with a Llama Guard endpoint fake), on loopback.
+"""Proxy overhead, side by side with LiteLLM's proxy.
 
-Prints p50/p95 of the whole-response latency (non-streamed) and the time to the first content
-byte (streamed). The fake model answers instantly, so the figures are the proxy's own cost.
-Every server runs in this one Python process (threads sharing the GIL and two cores), which
-inflates every row that involves more servers: read the rows as upper bounds.
+One fast fake model (``benchmarks/fake_upstream.py``) streams a reasoning trace and answer in N
+chunks. The same streamed requests go to it directly, through our proxy with ``guard.kind:
+none``, through our proxy with the embedded guard (the defaults), and through LiteLLM's proxy
+with no guardrail. Every server is its own process; this process is the client. At each
+concurrency the targets take turns (A B C D, then D C B A, half the streams each time), so a
+drift in the machine's speed falls on all of them.
 
-    .venv/bin/python -m benchmarks.proxy_overhead [--requests 200]
+Printed, per concurrency: time to first token and total time (p50, p99), the latency each
+proxy adds to the direct p50, streams per second and their share of the direct rate, and each
+proxy process's CPU time per stream. Every stream's text is checked against what the model sent.
+
+    .venv/bin/python -m benchmarks.proxy_overhead [--concurrency 1,32,128] [--chunks 100]
+
+LiteLLM's proxy is looked for at ``--litellm``, ``$LITELLM_PROXY_BIN``, ``.venv-litellm/bin/
+litellm`` (what ``make bench`` installs) and on the PATH.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import platform
-import statistics
+import asyncio
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from benchmarks.fake_upstream import ANSWER, REASONING
+from benchmarks.launch import litellm_executable, start_guardrail, start_litellm, start_upstream
+from benchmarks.processes import ServerProcess
+from benchmarks.stream_client import StreamResult, Target, percentile, run_requests
 
-from guardrail.config import config_from_mapping
-from server.app import create_app
-from tests.fakes.llama_guard_server import FakeLlamaGuard
-from tests.fakes.loopback import serve_app
-from tests.fakes.openai_server import FakeReply, create_fake_openai_app
-
-REASONING = ("Let me think about this carefully. The user wants a short summary. "
-             "I will list three points and keep it brief. ") * 4
-ANSWER = "Here are three points: first, second, and third. That is all."
+EXPECTED = (REASONING, ANSWER)
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+@dataclass
+class Row:
+    target: Target
+    server: ServerProcess | None
+    results: list[StreamResult] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+    @property
+    def ok(self) -> list[StreamResult]:
+        return [result for result in self.results if result.error is None]
+
+    def ms(self, q: float, ttft: bool) -> float:
+        samples = [(r.ttft_s if ttft else r.total_s) or 0.0 for r in self.ok]
+        return percentile(samples, q) * 1000
+
+    @property
+    def rate(self) -> float:
+        return len(self.ok) / self.elapsed_s if self.elapsed_s else 0.0
 
 
-def measure(call: Callable[[], None], count: int) -> list[float]:
-    for _ in range(5):  # warm-up
-        call()
-    samples = []
-    for _ in range(count):
-        started = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
+def measure(row: Row, concurrency: int, requests: int) -> None:
+    cpu_before = row.server.cpu_seconds() if row.server else 0.0
+    client_before = time.process_time()
+    started = time.perf_counter()
+    row.results += asyncio.run(run_requests(row.target, concurrency, requests, EXPECTED))
+    row.elapsed_s += time.perf_counter() - started
+    row.client_cpu_s += time.process_time() - client_before
+    if row.server:
+        row.server_cpu_s += row.server.cpu_seconds() - cpu_before
 
 
-def run(requests: int) -> None:
-    payload = {"model": "fake-model", "messages": [{"role": "user", "content": "summarise"}]}
-    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        upstream = stack.enter_context(serve_app(create_fake_openai_app(
-            FakeReply(reasoning=REASONING, answer=ANSWER, chunk_chars=8))))
-        guard = stack.enter_context(serve_app(FakeLlamaGuard().app()))
-        targets = {"direct": upstream}
-        for name, guard_section in (("proxy, guard none", {"kind": "none"}),
-                                    ("proxy, strict + llama-guard fake",
-                                     {"kind": "llama-guard", "url": f"{guard}/v1"})):
-            config = config_from_mapping({
-                "upstream": {"url": f"{upstream}/v1"}, "guard": guard_section,
-                "store": {"url": f"sqlite:///{Path(tmp) / name.replace(' ', '_')}.db"},
-            })
-            targets[name] = stack.enter_context(serve_app(create_app(config)))
-        client = stack.enter_context(httpx.Client(timeout=30))
-        print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
-              f"{requests} sequential requests per row; fake model answers instantly")
-        print(f"{'target':34} {'full p50':>9} {'full p95':>9} {'ttfb p50':>9} {'ttfb p95':>9}  ms")
-        for name, url in targets.items():
-            def full(url: str = url) -> None:
-                client.post(f"{url}/v1/chat/completions", json=payload).raise_for_status()
-
-            def first_byte(url: str = url) -> None:
-                with client.stream("POST", f"{url}/v1/chat/completions",
-                                   json={**payload, "stream": True}) as response:
-                    for chunk in response.iter_text():
-                        if '"content":"' in chunk and '"content":""' not in chunk:
-                            break
-            full_ms = measure(full, requests)
-            first_ms = measure(first_byte, requests)
-            print(f"{name:34} {statistics.median(full_ms):9.2f} {percentile(full_ms, 0.95):9.2f} "
-                  f"{statistics.median(first_ms):9.2f} {percentile(first_ms, 0.95):9.2f}")
+def run_level(targets: list[tuple[Target, ServerProcess | None]], concurrency: int,
+              requests: int) -> list[Row]:
+    rows = [Row(target, server) for target, server in targets]
+    for row in rows:  # warm-up: connections, caches, the guard's first batches
+        asyncio.run(run_requests(row.target, concurrency, max(concurrency, 4), EXPECTED))
+    half = max(1, requests // 2)
+    for order in (rows, rows[::-1]):
+        for row in order:
+            measure(row, concurrency, half)
+    return rows
 
 
-def main() -> None:
-    # The fake keeps writing after a first-byte probe leaves; asyncio logs each refused write.
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200)
-    run(parser.parse_args().requests)
+def print_level(concurrency: int, rows: list[Row]) -> None:
+    direct = rows[0]
+    print(f"\n#### concurrency {concurrency}\n")
+    print("| target | TTFT p50 | TTFT p99 | total p50 | total p99 | added p50 (TTFT / total) "
+          "| streams/s | % of direct | proxy CPU ms/stream | client CPU % | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        added = ("—" if row is direct else
+                 f"{row.ms(0.5, True) - direct.ms(0.5, True):+.1f} / "
+                 f"{row.ms(0.5, False) - direct.ms(0.5, False):+.1f}")
+        cpu = (f"{row.server_cpu_s / len(row.results) * 1000:.1f}"
+               if row.server and row.results else "—")
+        print(f"| {row.target.name} | {row.ms(0.5, True):.1f} | {row.ms(0.99, True):.1f} "
+              f"| {row.ms(0.5, False):.1f} | {row.ms(0.99, False):.1f} | {added} "
+              f"| {row.rate:.1f} | {row.rate / direct.rate * 100 if direct.rate else 0:.0f} % "
+              f"| {cpu} | {row.client_cpu_s / row.elapsed_s * 100:.0f} % "
+              f"| {len(row.results) - len(row.ok)} |")
+    errors = [(row.target.name, r.error) for row in rows for r in row.results if r.error]
+    for name, error in errors[:5]:
+        print(f"\nerror ({name}): {error}")
+
+
+def print_aims(levels: dict[int, list[Row]], ours: str, peer: str | None) -> bool:
+    print("\n#### Aims\n")
+    print("Our added p50 at most half of LiteLLM's (both TTFT and total), and our streams/s "
+          "at least 90 % of direct, with `guard.kind: none`.\n")
+    print("| concurrency | our added p50 (TTFT / total) | LiteLLM added p50 (TTFT / total) "
+          "| ≤ half? | our streams/s vs direct | ≥ 90 %? |")
+    print("|---|---|---|---|---|---|")
+    met = True
+    for concurrency, rows in levels.items():
+        by_name = {row.target.name: row for row in rows}
+        direct, our = rows[0], by_name[ours]
+        ours_added = [our.ms(0.5, t) - direct.ms(0.5, t) for t in (True, False)]
+        share = our.rate / direct.rate if direct.rate else 0.0
+        fast_enough = share >= 0.9
+        if peer is not None and peer in by_name:
+            theirs = [by_name[peer].ms(0.5, t) - direct.ms(0.5, t) for t in (True, False)]
+            half = all(o <= t / 2 for o, t in zip(ours_added, theirs, strict=True))
+            peer_text = f"{theirs[0]:+.1f} / {theirs[1]:+.1f}"
+        else:
+            half, peer_text = False, "not measured"
+        met = met and half and fast_enough
+        print(f"| {concurrency} | {ours_added[0]:+.1f} / {ours_added[1]:+.1f} | {peer_text} "
+              f"| {'yes' if half else 'no'} | {share * 100:.0f} % "
+              f"| {'yes' if fast_enough else 'no'} |")
+    return met
+
+
+def run_regime(args: argparse.Namespace, delay_ms: float, litellm: Path | None,
+               levels: list[int]) -> tuple[bool, int]:
+    """Start the servers against a model with this pace, measure every concurrency, print."""
+    paced = delay_ms > 0
+    print(f"\n### The model sends a chunk every {delay_ms:g} ms\n" if paced else
+          "\n### The model sends its chunks as fast as it can\n")
+    print("Per-stream cost: the proxies' CPU per stream, and the latency they add when the "
+          "machine is saturated." if not paced else
+          f"A model's pace ({1000 / delay_ms:.0f} tokens/s per stream): whether each proxy keeps "
+          "up, and what it adds when it does.")
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        upstream, direct = start_upstream(workdir, args.chunks, delay_ms)
+        stack.callback(upstream.stop)
+        upstream.wait_ready()
+        servers: list[tuple[ServerProcess, Target]] = [
+            start_guardrail("guardrail, guard none", workdir, direct, {"kind": "none"})]
+        if not args.no_embedded:
+            servers.append(start_guardrail("guardrail, embedded guard", workdir, direct,
+                                           {"kind": "embedded"}))
+        if litellm is not None:
+            servers.append(start_litellm(litellm, workdir, direct))
+        for server, _ in servers:
+            stack.callback(server.stop)
+        for server, _ in servers:
+            server.wait_ready()
+        targets: list[tuple[Target, ServerProcess | None]] = [(direct, None)]
+        targets += [(target, server) for server, target in servers]
+        results: dict[int, list[Row]] = {}
+        for concurrency in levels:
+            requests = args.requests or (max(20, 2 * concurrency) if paced
+                                         else max(200, 4 * concurrency))
+            results[concurrency] = run_level(targets, concurrency, requests)
+            print_level(concurrency, results[concurrency])
+        met = print_aims(results, "guardrail, guard none",
+                         "LiteLLM proxy, no guardrail" if litellm else None)
+        print("\nPeak memory (VmHWM): " + ", ".join(
+            f"{server.name} {server.memory_mib('VmHWM'):.0f} MiB" for server, _ in servers)
+            + f"; the fake model {upstream.memory_mib('VmHWM'):.0f} MiB.")
+        errors = sum(len(row.results) - len(row.ok) for rows in results.values() for row in rows)
+    return met, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,32,128",
+                        help="comma-separated client concurrencies")
+    parser.add_argument("--requests", type=int, default=0,
+                        help="streams per target and concurrency (default: max(200, 4 x C) "
+                             "unpaced, max(20, 2 x C) paced)")
+    parser.add_argument("--chunks", type=int, default=100, help="chunks the model streams")
+    parser.add_argument("--chunk-delay-ms", default="0,10",
+                        help="comma-separated model paces to run: 0 = as fast as it can")
+    parser.add_argument("--litellm", help="LiteLLM proxy executable")
+    parser.add_argument("--no-embedded", action="store_true",
+                        help="leave out the embedded-guard row")
+    args = parser.parse_args(argv)
+    levels = [int(value) for value in args.concurrency.split(",")]
+    delays = [float(value) for value in args.chunk_delay_ms.split(",")]
+    litellm = litellm_executable(args.litellm)
+
+    print("## proxy_overhead.py: our proxy and LiteLLM's, side by side\n")
+    print(f"`python -m benchmarks.proxy_overhead --concurrency {args.concurrency} "
+          f"--chunks {args.chunks} --chunk-delay-ms {args.chunk_delay_ms}`: each stream is "
+          f"{args.chunks} chunks ({len(REASONING)} characters of reasoning, {len(ANSWER)} of "
+          "answer) from a fake model; every server in its own process with one worker, the "
+          "client in another; times in ms; TTFT = first reasoning or answer text; every "
+          "stream's text is checked against what the model sent. Proxy CPU is the proxy "
+          "process's user + system time per stream.")
+    if litellm is None:
+        print("\nLiteLLM's proxy was not found (`make bench` installs it in .venv-litellm; "
+              "or pass --litellm): its row is missing.")
+    met, errors = True, 0
+    for delay_ms in delays:
+        regime_met, regime_errors = run_regime(args, delay_ms, litellm, levels)
+        met, errors = met and regime_met, errors + regime_errors
+    print(f"\nAims {'met' if met else 'NOT met'} on this run; {errors} streams failed.")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

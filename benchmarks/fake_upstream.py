@@ -1,0 +1,171 @@
+"""A fast fake model server for the benchmarks: streams a fixed reasoning trace and answer as
+N OpenAI chat-completion chunks, the way DeepSeek and vLLM do (``delta.reasoning_content``
+then ``delta.content``), and nothing else.
+
+Every event is built once at start-up, so the server spends its time on HTTP, not on making
+text: the rows that go through a proxy then measure the proxy. It runs in its own process:
+
+    python -m benchmarks.fake_upstream --port 8100 --chunks 100 [--chunk-delay-ms 0]
+
+``POST /v1/chat/completions`` streams (a request without ``"stream": true`` gets the same
+text as one JSON body); ``GET /v1/models`` lists ``fake-model``. The request body is read and
+parsed, as a real server would, but not checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MODEL = "fake-model"
+# Benign, so that a guarded row measures the guard's cost and not a correction: about six
+# two-sentence steps of reasoning and a short answer (the proxy's default step is >= 120 chars).
+REASONING = (
+    "The user asks how to keep a sourdough starter healthy over a long holiday. "
+    "A starter is flour and water colonised by wild yeast and lactic acid bacteria. "
+    "Before leaving, it helps to feed the starter and let it rise for an hour or two. "
+    "Then it can go into the refrigerator, where the cold slows fermentation a great deal. "
+    "A stiffer starter, with less water, lasts longer because the microbes eat more slowly. "
+    "Some bakers dry a thin layer on baking paper and crumble it into a jar as a backup. "
+    "On return, the starter needs two or three feedings at room temperature to recover. "
+    "A layer of grey liquid on top is only alcohol from hungry yeast and can be poured off. "
+    "Pink or orange streaks, on the other hand, mean spoilage and the starter should go. "
+    "I will give the steps in order and mention the dried backup as an option."
+)
+ANSWER = (
+    "Feed your starter, let it rise for an hour or two, then refrigerate it in a covered jar. "
+    "For trips longer than two weeks, make it stiffer or dry some as a backup. When you are "
+    "back, discard most of it and feed it two or three times at room temperature."
+)
+
+
+@dataclass(frozen=True)
+class Script:
+    chunks: int
+    chunk_delay_s: float
+
+    def pieces(self) -> list[tuple[str, str]]:
+        """(field, text) pairs: the trace and answer cut into ``chunks`` pieces in all, in
+        proportion to their lengths."""
+        total = len(REASONING) + len(ANSWER)
+        reasoning_chunks = max(1, round(self.chunks * len(REASONING) / total))
+        answer_chunks = max(1, self.chunks - reasoning_chunks)
+        return ([("reasoning_content", piece) for piece in _split(REASONING, reasoning_chunks)]
+                + [("content", piece) for piece in _split(ANSWER, answer_chunks)])
+
+
+def _split(text: str, count: int) -> list[str]:
+    size = -(-len(text) // count)
+    return [text[start:start + size] for start in range(0, len(text), size)]
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class FakeUpstream:
+    """The ASGI app. Each stream's chunks carry the same id and timestamp: a client cannot tell,
+    and building them per request would make the fake slower than what it stands in for."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": MODEL}
+        pieces = script.pieces()
+        self.events = [_event({**base, "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})]
+        self.events += [_event({**base, "choices": [
+            {"index": 0, "delta": {field: text}, "finish_reason": None}]})
+            for field, text in pieces]
+        self.events.append(_event({**base, "choices": [
+            {"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+        self.events.append(b"data: [DONE]\n\n")
+        self.completion = json.dumps({
+            "id": "chatcmpl-bench", "object": "chat.completion", "created": base["created"],
+            "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "reasoning_content": REASONING, "content": ANSWER}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": len(pieces),
+                      "total_tokens": 10 + len(pieces)},
+        }).encode()
+        self.models = json.dumps({"object": "list", "data": [
+            {"id": MODEL, "object": "model", "created": base["created"], "owned_by": "bench"}]
+        }).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        path = scope["path"].removeprefix("/v1")
+        if scope["method"] == "GET" and path == "/models":
+            await _respond(send, 200, b"application/json", self.models)
+            return
+        if scope["method"] != "POST" or path != "/chat/completions":
+            await _respond(send, 404, b"application/json",
+                           b'{"error":{"message":"not found","type":"not_found"}}')
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            stream = bool(json.loads(body).get("stream"))
+        except (ValueError, AttributeError):
+            await _respond(send, 400, b"application/json",
+                           b'{"error":{"message":"bad JSON","type":"invalid_request_error"}}')
+            return
+        if not stream:
+            await _respond(send, 200, b"application/json", self.completion)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        for event in self.events:
+            if self.script.chunk_delay_s:
+                await asyncio.sleep(self.script.chunk_delay_s)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _respond(send: Send, status: int, content_type: bytes, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--chunks", type=int, default=100)
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    app = FakeUpstream(Script(chunks=args.chunks, chunk_delay_s=args.chunk_delay_ms / 1000))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                access_log=False, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Load: many concurrent streams through our proxy for a minute, with the shipped defaults.
+
+The fake model (its own process) paces its chunks like a model does; the proxy runs as users
+run it (``guardrail serve``, the embedded guard, the SQLite store); this process keeps
+``--streams`` streams in flight for ``--duration`` seconds, starting a new one as each ends.
+Every stream must arrive whole and exactly as the model wrote it; the proxy's memory is sampled
+every second; at the end every stream must have its case in the store.
+
+Printed: streams finished, errors (with the first few), time to first token and total time,
+the proxy's memory at start, its peak, and the peak of each half of the run (memory is bounded
+if the second half's peak is within 10 % of the first's), and the cases stored against the
+streams sent.
+
+    .venv/bin/python -m benchmarks.load [--streams 200] [--duration 60] [--guard embedded]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.fake_upstream import ANSWER, REASONING
+from benchmarks.launch import start_guardrail, start_upstream
+from benchmarks.processes import ServerProcess
+from benchmarks.stream_client import StreamResult, percentile, run_for, run_requests
+
+EXPECTED = (REASONING, ANSWER)
+BOUNDED_GROWTH = 1.10
+
+
+class MemorySampler:
+    """The proxy's RSS once a second, in a thread (the client's loop is busy)."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - started, self.server.memory_mib()))
+            self._stop.wait(1.0)
+
+    def halves(self) -> tuple[float, float]:
+        if not self.samples:
+            return float("nan"), float("nan")
+        middle = self.samples[-1][0] / 2
+        first = [rss for at, rss in self.samples if at <= middle] or [float("nan")]
+        second = [rss for at, rss in self.samples if at > middle] or first
+        return max(first), max(second)
+
+
+def stored_cases(database: Path) -> int:
+    with sqlite3.connect(database) as connection:
+        count: int = connection.execute("SELECT count(*) FROM cases").fetchone()[0]
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=200, help="streams kept in flight")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds")
+    parser.add_argument("--guard", default="embedded", help="guard.kind (default: embedded)")
+    parser.add_argument("--chunks", type=int, default=100)
+    parser.add_argument("--chunk-delay-ms", type=float, default=20.0,
+                        help="the model's pace: 20 ms a chunk is 50 tokens/s per stream")
+    args = parser.parse_args(argv)
+
+    print(f"## load.py: {args.streams} concurrent streams for {args.duration:.0f} s\n")
+    print(f"`python -m benchmarks.load --streams {args.streams} --duration {args.duration:.0f} "
+          f"--guard {args.guard} --chunk-delay-ms {args.chunk_delay_ms:g}`: our proxy "
+          f"(`guard.kind: {args.guard}`, the other settings at their defaults, SQLite store) in "
+          f"front of a fake model that streams {args.chunks} chunks, one every "
+          f"{args.chunk_delay_ms:g} ms; every stream's text checked against the model's.\n")
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        workdir = Path(tmp)
+        upstream, direct = start_upstream(workdir, args.chunks, args.chunk_delay_ms)
+        proxy: ServerProcess | None = None
+        try:
+            upstream.wait_ready()
+            proxy, target = start_guardrail("guardrail", workdir, direct, {"kind": args.guard})
+            proxy.wait_ready()
+            warm = asyncio.run(run_requests(target, 8, 16, EXPECTED))
+            start_mib = proxy.memory_mib()
+            with MemorySampler(proxy) as sampler:
+                started = time.perf_counter()
+                results = asyncio.run(run_for(target, args.streams, args.duration, EXPECTED))
+                elapsed = time.perf_counter() - started
+            peak_mib = proxy.memory_mib("VmHWM")
+        finally:
+            if proxy is not None:
+                proxy.stop()
+            upstream.stop()
+        database = workdir / "guardrail.db"
+        unstored = workdir / "guardrail-unstored.jsonl"
+        fallback = len(unstored.read_text().splitlines()) if unstored.exists() else 0
+        cases = stored_cases(database) + fallback
+    return report(args, results, warm, elapsed, start_mib, peak_mib, sampler.halves(), cases)
+
+
+def report(args: argparse.Namespace, results: list[StreamResult], warm: list[StreamResult],
+           elapsed: float, start_mib: float, peak_mib: float, halves: tuple[float, float],
+           cases: int) -> int:
+    errors = [result for result in results if result.error]
+    ok = [result for result in results if result.error is None]
+    ttft = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
+    total = [r.total_s * 1000 for r in ok]
+    sent = len(results) + len(warm)
+    bounded = halves[1] <= halves[0] * BOUNDED_GROWTH
+    print("| streams finished | errors | streams/s | TTFT p50 / p99 ms | total p50 / p99 ms "
+          "| RSS at start MiB | peak RSS MiB | peak, 1st half / 2nd half MiB | cases stored "
+          "/ streams sent |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {len(results)} | {len(errors)} | {len(results) / elapsed:.1f} "
+          f"| {percentile(ttft, 0.5):.0f} / {percentile(ttft, 0.99):.0f} "
+          f"| {percentile(total, 0.5):.0f} / {percentile(total, 0.99):.0f} "
+          f"| {start_mib:.0f} | {peak_mib:.0f} | {halves[0]:.0f} / {halves[1]:.0f} "
+          f"| {cases} / {sent} |")
+    for result in errors[:5]:
+        print(f"\nerror: {result.error}")
+    print(f"\nErrors: {len(errors)}. Memory {'bounded' if bounded else 'GREW'}: the second "
+          f"half's peak is {halves[1] / halves[0] * 100 - 100:+.1f} % on the first's. "
+          f"Cases: {'every stream stored' if cases == sent else 'MISSING some'}.")
+    return 0 if not errors and bounded and cases == sent else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
