@@ -33,6 +33,9 @@ class UpstreamConfig(_Section):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=300.0, gt=0)
     """Longest silence tolerated between two streamed chunks."""
+    max_connections: int | None = Field(default=None, ge=1)
+    """Upstream requests in flight at once (per worker); None = no limit, the model server
+    queues. A request over the limit waits up to ``connect_timeout_s`` for a free one."""
     think_start: Literal["auto", "reasoning", "answer"] = "auto"
     """Where inline content begins when the upstream does not split reasoning into its own field:
     ``reasoning`` for R1-style templates that put ``<think>`` in the prompt, ``answer`` for

@@ -404,6 +404,51 @@ async def test_openai_server_holding_the_body_open_after_done_is_cut_off() -> No
             await upstream.aclose()
 
 
+async def test_openai_retries_once_when_the_connection_breaks_before_an_answer() -> None:
+    # The keep-alive race: the server closes a connection just as the proxy reuses it. The
+    # first connection here is closed as soon as the request arrives; the second is answered.
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop"}]}
+    body = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if connections > 1:
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = await open_upstream(f"http://127.0.0.1:{port}/v1")
+    try:
+        events = await collect(upstream.stream(chat()))
+        assert texts(events) == ("", "Hi.") and connections == 2
+    finally:
+        await upstream.aclose()
+        server.close()
+
+
+async def test_openai_sets_no_limit_on_streams_in_flight(fake: StartFake) -> None:
+    # httpx allows 100 connections by default: the 101st stream would wait for a free one.
+    app, url = fake(reply(chunk_delay_s=0.05, chunk_chars=2))
+    upstream = await open_upstream(url, connect_timeout_s=2)
+    streams = [upstream.stream(chat()) for _ in range(120)]
+    try:
+        firsts = await asyncio.wait_for(asyncio.gather(*(anext(s) for s in streams)), 10)
+        assert all(isinstance(event, ResponseMeta) for event in firsts)
+        assert len(app.chat_requests) == 120
+    finally:
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        await upstream.aclose()
+
+
 async def test_openai_list_models(fake: StartFake) -> None:
     _, url = fake(models=["model-a", "model-b"])
     upstream = await open_upstream(url)

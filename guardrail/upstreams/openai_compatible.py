@@ -44,6 +44,8 @@ from guardrail.upstreams.sse import SSEDecoder
 
 logger = logging.getLogger(__name__)
 _AFTER_DONE_S = 0.25
+_KEEPALIVE_CONNECTIONS = 100
+_KEEPALIVE_EXPIRY_S = 2.0
 
 # Request headers from the client that must not be forwarded: they describe the client's own
 # connection or credentials, not the request.
@@ -102,8 +104,16 @@ class OpenAICompatibleUpstream:
             write=config.read_timeout_s,
             pool=config.connect_timeout_s,
         )
+        limits = httpx.Limits(
+            max_connections=config.max_connections,
+            max_keepalive_connections=_KEEPALIVE_CONNECTIONS,
+            # Under the 5 s after which uvicorn (vLLM's server) closes an idle connection: a
+            # connection reused just as the server closes it fails the request.
+            keepalive_expiry=_KEEPALIVE_EXPIRY_S,
+        )
         # base_url gets a trailing slash from httpx, so relative paths append to it (``/v1``).
-        self._client = httpx.AsyncClient(base_url=config.url, headers=headers, timeout=timeout)
+        self._client = httpx.AsyncClient(base_url=config.url, headers=headers, timeout=timeout,
+                                         limits=limits)
 
     def build_body(self, request: ChatRequest) -> dict[str, Any]:
         """The body sent upstream: the client's, forced to stream with usage."""
@@ -179,7 +189,7 @@ class OpenAICompatibleUpstream:
             headers={**self._forwarded_headers(request), "Accept": "text/event-stream"},
         )
         try:
-            response = await self._client.send(http_request, stream=True)
+            response = await self._send(http_request)
         except httpx.TransportError as error:
             raise map_transport_error(error, started=False) from error
         # ``finally`` closes the response whatever happens, including aclose()/cancellation of
@@ -212,6 +222,17 @@ class OpenAICompatibleUpstream:
                 yield event
         finally:
             await response.aclose()
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self._client.send(request, stream=True)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as error:
+            # The connection broke before any answer: most often a kept-alive connection that
+            # the server closed as we reused it, so the model never saw the request. Once more,
+            # on a new connection (a refused connection or a timeout is not retried).
+            logger.info("upstream connection broke before an answer (%s: %s); retrying once",
+                        type(error).__name__, error)
+        return await self._client.send(request, stream=True)
 
     @staticmethod
     async def _whole_response_events(
