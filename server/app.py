@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,8 +17,29 @@ from guardrail.errors import ConfigError, GuardrailError
 from server import admin, chat
 from server.body_limit import BodyLimitMiddleware
 from server.errors import guardrail_error_response, install_error_handlers
+from server.protocol import ChatCompletionRequest
 from server.rate_limit import RateLimitMiddleware
 from server.services import Services
+
+
+def _with_chat_body(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """The chat route reads its body itself (so that bad JSON gets an OpenAI-shaped error),
+    which hides the body from FastAPI's schema: describe it from the model the route validates
+    against, so clients and schema-driven tests see what it takes."""
+
+    def described() -> dict[str, Any]:
+        spec = openapi()  # FastAPI caches it: the second call returns the described one
+        operation = spec["paths"]["/v1/chat/completions"]["post"]
+        if "requestBody" not in operation:
+            body = ChatCompletionRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(
+                body.pop("$defs", {}))
+            operation["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": body}}}
+        return spec
+
+    return described
 
 
 def create_app(config: Config | None = None) -> FastAPI:
@@ -56,6 +77,7 @@ def create_app(config: Config | None = None) -> FastAPI:
         )
     app.include_router(chat.router)
     app.include_router(admin.router)
+    app.openapi = _with_chat_body(app.openapi)  # type: ignore[method-assign]
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
