@@ -210,7 +210,7 @@ def test_generated_requests_never_get_a_5xx(proxy: Proxy) -> None:
     spec: dict[str, Any] = proxy.client.get("/openapi.json").json()
     body_schema = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"][
         "application/json"]["schema"]
-    assert set(body_schema["required"]) == {"model", "messages"}
+    assert "messages" in body_schema["required"]
     # Any model name but the one the fake serves is the upstream's 404: pin it, so the
     # generated bodies reach the model and exercise the whole path.
     body_schema["properties"]["model"] = {"type": "string", "enum": ["fake-model"]}
