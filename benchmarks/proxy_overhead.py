@@ -137,7 +137,10 @@ def run_regime(args: argparse.Namespace, delay_ms: float, litellm: Path | None,
     print(f"\n### The model sends a chunk every {delay_ms:g} ms\n" if paced else
           "\n### The model sends its chunks as fast as it can\n")
     print("Per-stream cost: the proxies' CPU per stream, and the latency they add when the "
-          "machine is saturated." if not paced else
+          "machine is saturated. The model here has no pace of its own, so the direct rate is "
+          "what the client and the fake can do; a proxy's share of it measures its CPU per "
+          "stream against theirs, not whether it keeps up with a model (the paced run below "
+          "asks that)." if not paced else
           f"A model's pace ({1000 / delay_ms:.0f} tokens/s per stream): whether each proxy keeps "
           "up, and what it adds when it does.")
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, ExitStack() as stack:

@@ -56,6 +56,17 @@ def describe_machine() -> str:
             + ", ".join(versions))
 
 
+def cpu_probe_ms() -> float:
+    """A fixed piece of pure-Python work, timed: how fast the machine is right now. A shared
+    machine's speed drifts (twice as slow at times, on the one these figures came from), so
+    each section gives the probe before and after it."""
+    started = time.perf_counter()
+    total = 0
+    for number in range(2_000_000):
+        total += number
+    return (time.perf_counter() - started) * 1000
+
+
 def run(name: str, arguments: list[str]) -> tuple[str, bool, float]:
     """Run one benchmark, echoing its output as it comes; (output, ok, seconds)."""
     started = time.perf_counter()
@@ -82,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     sections, failed = [], []
     for name in chosen:
         print(f"\n=== {name} ===", flush=True)
+        before = cpu_probe_ms()
         output, ok, seconds = run(name, BENCHMARKS[name])
+        after = cpu_probe_ms()
         if not ok:
             failed.append(name)
         status = "" if ok else " **This benchmark failed or missed its aim (exit status 1).**"
-        sections.append(f"{output}\n\n_{name}: {seconds:.0f} s._{status}")
+        sections.append(f"{output}\n\n_{name}: {seconds:.0f} s; CPU probe {before:.0f} ms "
+                        f"before, {after:.0f} ms after._{status}")
     today = datetime.date.today().isoformat()
     header = (
         "# Benchmark results\n\n"
@@ -95,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         "Rerun everything with `make bench` (it installs LiteLLM's proxy, the peer, in "
         "`.venv-litellm`), or one benchmark with `python -m benchmarks.run_all --only NAME` "
         f"({', '.join(BENCHMARKS)}); each section gives its own command. Figures from a shared "
-        "machine vary by several per cent from run to run: compare rows of one run, not runs.\n"
+        "machine vary from run to run (the CPU probe after each section is a fixed loop, timed: "
+        "its drift is the machine's): compare rows of one run, not runs. Harvest speed: "
+        "there is no harvest module yet; its benchmark comes with it.\n"
     )
     if args.only:
         header += f"\nThis run: {', '.join(chosen)} only.\n"
