@@ -102,8 +102,7 @@ class FakeUpstream:
         }).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+        if scope["type"] != "http":  # served with lifespan="off": nothing to start or stop
             return
         path = scope["path"].removeprefix("/v1")
         if scope["method"] == "GET" and path == "/models":
@@ -143,16 +142,6 @@ async def _respond(send: Send, status: int, content_type: bytes, body: bytes) ->
     await send({"type": "http.response.body", "body": body})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -164,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app = FakeUpstream(Script(chunks=args.chunks, chunk_delay_s=args.chunk_delay_ms / 1000))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                access_log=False, backlog=4096)
+                access_log=False, backlog=4096, lifespan="off")
 
 
 if __name__ == "__main__":

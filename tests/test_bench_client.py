@@ -23,7 +23,7 @@ def test_fake_upstream_streams_the_whole_text_in_the_chunks_asked_for() -> None:
 
 
 def test_client_times_and_checks_each_stream() -> None:
-    with serve_app(FakeUpstream(Script(chunks=50, chunk_delay_s=0.002))) as url:
+    with serve_app(FakeUpstream(Script(chunks=50, chunk_delay_s=0.002)), lifespan="off") as url:
         results = asyncio.run(run_requests(Target("direct", f"{url}/v1"), 4, 10, EXPECTED))
     assert len(results) == 10 and not [r.error for r in results if r.error]
     for result in results:
