@@ -18,6 +18,7 @@ corrector decides what follows. A continuation it returns is guarded the same wa
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -75,6 +76,40 @@ class _End:
 _Item = _Step | _Chunk | _Failure | _End | Finish | Usage | ResponseMeta
 
 
+class _Inbox:
+    """What the producer hands the release loop, in order. An ``asyncio.Queue`` without its
+    capacity machinery, and with ``peek``: whether the next event can be had at once."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[_Item] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: _Item) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> _Item:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def get_nowait(self) -> _Item:
+        return self._items.popleft()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def peek(self) -> _Item | None:
+        return self._items[0] if self._items else None
+
+
 @dataclass(slots=True)
 class _Flagged:
     step: _Step
@@ -84,8 +119,10 @@ class _Flagged:
 @dataclass(slots=True)
 class _RoundState:
     splitters: dict[Channel, StepSplitter]
-    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    queue: _Inbox = field(default_factory=_Inbox)
     steps: list[_Step] = field(default_factory=list)
+    judged_behind: list[_Step] = field(default_factory=list)
+    """Fast mode: steps released before their verdict, oldest first."""
     number: int = 0
     flagged: _Flagged | None = None
     finish_reason: str | None = None
@@ -130,6 +167,7 @@ class GuardedStream:
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self._meta_sent = False
+        self._round: _RoundState | None = None
         case.mode = config.stream.mode if self._checking else "passthrough"
         case.guard = guard.name
 
@@ -174,6 +212,33 @@ class GuardedStream:
         finally:
             self.case.timings.total_ms = (time.perf_counter() - self._started) * 1000
 
+    def output_ready(self) -> bool:
+        """Whether the next event of ``events()`` can be had without waiting: the next item is
+        in, and releasing it waits for no verdict (nor for a correction after an unsafe one).
+        A writer may then hold what it has and send both at once: one write, not one per event;
+        when this is False it must send what it holds, or text could wait behind a verdict."""
+        state = self._round
+        item = state.queue.peek() if state is not None else None
+        if item is None or state is None:
+            return False
+        # Only items whose handling yields an event at once: a fast-mode step, a repeated
+        # ResponseMeta or a Finish yield nothing and the loop goes on to wait for the next one.
+        if isinstance(item, _Step):
+            return self._strict and self._judged_safe(item)
+        if isinstance(item, _Chunk | _End):
+            return all(self._judged_safe(step) for step in state.judged_behind)
+        if isinstance(item, ResponseMeta):
+            return not self._meta_sent
+        return isinstance(item, Usage)
+
+    @staticmethod
+    def _judged_safe(step: _Step) -> bool:
+        check = step.check
+        if check is None:
+            return True
+        return check.done() and not check.cancelled() and check.exception() is None and \
+            not check.result().unsafe
+
     # -- one round: the upstream's text, guarded -------------------------------------------
 
     def _new_round(self, number: int) -> _RoundState:
@@ -188,7 +253,8 @@ class GuardedStream:
         self, source: AsyncIterator[UpstreamEvent], state: _RoundState, round_number: int
     ) -> AsyncGenerator[OutputEvent, None]:
         producer = asyncio.create_task(self._produce(source, state, round_number))
-        judged_behind: list[_Step] = []  # fast mode: released before their verdict
+        self._round = state
+        judged_behind = state.judged_behind
         try:
             while True:
                 item = await state.queue.get()
@@ -238,6 +304,7 @@ class GuardedStream:
                         raise item.error
                     return
         finally:
+            self._round = None
             self._stop_round(producer, state)
 
     async def _produce(

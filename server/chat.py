@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -121,7 +121,8 @@ async def chat_completions(request: Request) -> Response:
         raise
     if parsed.stream:
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-        stream = _sse_stream(services, case, events, first, writer, include_usage)
+        stream = _sse_stream(services, case, events, first, writer, include_usage,
+                             monitor.output_ready)
         return DisconnectAwareStreamingResponse(stream, media_type="text/event-stream",
                                                 headers={**headers, "cache-control": "no-cache"})
     return await _complete(services, case, events, first, writer, headers)
@@ -134,33 +135,40 @@ async def _sse_stream(
     first: OutputEvent,
     writer: ChunkWriter,
     include_usage: bool,
+    more_ready: Callable[[], bool],
 ) -> AsyncIterator[bytes]:
+    """The SSE body. Events that are ready together (a burst from the model, a step released
+    at once) go out in one write: the same bytes, fewer writes. ``more_ready`` says whether the
+    next event can be had without waiting; only then is anything held back."""
     error: GuardrailError | None = None
     usage: dict[str, Any] | None = None
+    held = bytearray()
     try:
         if isinstance(first, ResponseMeta):
             _adopt_meta(writer, first)
-        yield sse_event(writer.chunk({"role": "assistant", "content": ""}))
+        held += sse_event(writer.chunk({"role": "assistant", "content": ""}))
         async for event in _prepend(first, events):  # closed by _finish (events.aclose)
             if isinstance(event, TextDelta):
                 chunk = writer.text(event.channel, event.text)
                 if chunk is not None:
-                    yield sse_event(chunk)
+                    held += sse_event(chunk)
             elif isinstance(event, Usage):
                 usage = event.data
             elif isinstance(event, Finish):
                 last_extra = {} if include_usage else {"guardrail": guardrail_summary(case)}
-                yield sse_event(writer.chunk({}, event.reason, **last_extra))
+                held += sse_event(writer.chunk({}, event.reason, **last_extra))
                 if include_usage:
-                    yield sse_event(writer.chunk(None, usage=usage,
-                                                 guardrail=guardrail_summary(case)))
-        yield SSE_DONE
+                    held += sse_event(writer.chunk(None, usage=usage,
+                                                   guardrail=guardrail_summary(case)))
+            if held and not more_ready():
+                yield bytes(held)
+                held.clear()
+        yield bytes(held) + SSE_DONE
     except GuardrailError as failure:
         error = failure
         _mark_error(case, failure)
         body = error_body(str(failure), failure.error_type, code=failure.code)
-        yield sse_event({**body, "guardrail": guardrail_summary(case)})
-        yield SSE_DONE
+        yield bytes(held) + sse_event({**body, "guardrail": guardrail_summary(case)}) + SSE_DONE
     finally:
         await _finish(services, case, events, error=error)
 

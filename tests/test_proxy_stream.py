@@ -264,3 +264,31 @@ def test_client_disconnect_cancels_the_upstream(tmp_path: Path) -> None:
             time.sleep(0.05)
         case = found.json()
         assert "disconnected" in case["error"]
+
+
+@pytest.mark.parametrize("mode", ["strict", "fast"])
+def test_a_released_step_is_sent_without_waiting_for_the_next_verdict(
+    tmp_path: Path, mode: str
+) -> None:
+    # The model sends everything at once and the guard takes 0.4 s a check, one at a time: the
+    # proxy sends events that are ready together in one write, but text it may release must
+    # never wait behind a verdict still out. Each step must reach the client about one check
+    # after the one before it, not all together at the end.
+    reply = FakeReply(reasoning=REASONING, answer=ANSWER, chunk_chars=8)
+    overrides = {"stream": {"mode": mode}, "guard": {"max_concurrency": 1,
+                                                     "compliance_cues": False}}
+    with running_proxy(tmp_path, reply, overrides=overrides,
+                       fake_guard=FakeLlamaGuard(delay_s=0.4)) as proxy:
+        arrivals: list[tuple[float, bytes]] = []
+        started = time.perf_counter()
+        with proxy.client.stream("POST", "/v1/chat/completions", json={
+                "model": "fake-model", "stream": True,
+                "messages": [{"role": "user", "content": "photosynthesis"}]}) as response:
+            for data in response.iter_raw():
+                arrivals.append((time.perf_counter() - started, data))
+        raw = b"".join(data for _, data in arrivals)
+        assert streamed_text(sse_events(raw)) == (REASONING, ANSWER)
+        with_text = [at for at, data in arrivals if b'"reasoning_content":"' in data]
+        # Strict: the first step waits for its own verdict, the second for one more check.
+        # Fast: the text goes out at once, long before the last verdict lets the stream end.
+        assert with_text[0] < arrivals[-1][0] - 0.6, (mode, with_text, arrivals[-1][0])
