@@ -132,7 +132,9 @@ async def test_openai_every_reasoning_form(
     assert isinstance(meta, ResponseMeta)
     assert meta.model == "fake-model" and meta.id and meta.id.startswith("chatcmpl-")
     assert isinstance(meta.created, int)
-    assert app.chat_requests[0].completed
+    # The fake marks the request after its last write, which may be just after we read it.
+    record = app.chat_requests[0]
+    assert await asyncio.to_thread(record.ended.wait, 5) and record.completed
 
 
 async def test_openai_reasoning_streams_before_the_answer_arrives(fake: StartFake) -> None:

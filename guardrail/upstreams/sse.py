@@ -1,7 +1,7 @@
 """A minimal server-sent-events reader: enough for OpenAI-style streams, by the SSE rules.
 
-Lines arrive already split (``httpx.Response.aiter_lines`` joins lines that were split across
-network chunks); an event is dispatched at a blank line; several ``data:`` lines join with
+Lines arrive already split (the upstream joins lines that were split across network chunks);
+an event is dispatched at a blank line; several ``data:`` lines join with
 ``\\n``; comment lines (``: keep-alive``) and other fields (``event:``, ``id:``, ``retry:``) are
 ignored, since OpenAI-compatible servers put everything in ``data``.
 """
