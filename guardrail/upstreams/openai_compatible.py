@@ -244,7 +244,8 @@ class OpenAICompatibleUpstream:
 
     async def _send(self, url: str, body: dict[str, Any], headers: dict[str, str]
                     ) -> aiohttp.ClientResponse:
-        encoded = json.dumps(body).encode()
+        # ASCII escapes: text from the model may hold lone surrogates, which UTF-8 cannot.
+        encoded = json.dumps(body, separators=(",", ":")).encode()
         headers = {**headers, "Content-Type": "application/json"}
         client = self._client()
 
