@@ -1,7 +1,10 @@
-"""A fast fake model server for the benchmarks: streams a fixed reasoning trace and answer as
-N OpenAI chat-completion chunks, the way DeepSeek and vLLM do (``delta.reasoning_content``
-then ``delta.content``), and nothing else.
+"""A fast fake model server for the benchmarks: streams a reasoning trace and answer as N OpenAI
+chat-completion chunks, the way DeepSeek and vLLM do (``delta.reasoning_content`` then
+``delta.content``), and nothing else.
 
+The text comes in ``VARIANTS`` versions that differ in every sentence (``texts(n)``); a request
+whose last message ends ``(request N)`` gets version N mod ``VARIANTS``. The same text in every
+stream would let a guard that remembers embeddings judge each step once for all streams.
 Every event is built once at start-up, so the server spends its time on HTTP, not on making
 text: the rows that go through a proxy then measure the proxy. It runs in its own process:
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -49,19 +53,37 @@ ANSWER = (
 )
 
 
+VARIANTS = 1024
+_REQUEST_NUMBER = re.compile(r"\(request (\d+)\)\s*$")
+
+
+def _tagged(text: str, variant: int) -> str:
+    """Every sentence of ``text`` made distinct by the variant's number."""
+    sentences = re.split(r"(?<=\.) ", text)
+    return " ".join(f"{sentence[:-1]} (note {variant}-{index})."
+                    for index, sentence in enumerate(sentences))
+
+
+def texts(request_number: int) -> tuple[str, str]:
+    """The (reasoning, answer) sent for a request numbered ``request_number``."""
+    variant = request_number % VARIANTS
+    return _tagged(REASONING, variant), _tagged(ANSWER, variant)
+
+
 @dataclass(frozen=True)
 class Script:
     chunks: int
     chunk_delay_s: float
 
-    def pieces(self) -> list[tuple[str, str]]:
+    def pieces(self, variant: int) -> list[tuple[str, str]]:
         """(field, text) pairs: the trace and answer cut into ``chunks`` pieces in all, in
         proportion to their lengths."""
-        total = len(REASONING) + len(ANSWER)
-        reasoning_chunks = max(1, round(self.chunks * len(REASONING) / total))
+        reasoning, answer = texts(variant)
+        total = len(reasoning) + len(answer)
+        reasoning_chunks = max(1, round(self.chunks * len(reasoning) / total))
         answer_chunks = max(1, self.chunks - reasoning_chunks)
-        return ([("reasoning_content", piece) for piece in _split(REASONING, reasoning_chunks)]
-                + [("content", piece) for piece in _split(ANSWER, answer_chunks)])
+        return ([("reasoning_content", piece) for piece in _split(reasoning, reasoning_chunks)]
+                + [("content", piece) for piece in _split(answer, answer_chunks)])
 
 
 def _split(text: str, count: int) -> list[str]:
@@ -79,27 +101,35 @@ class FakeUpstream:
 
     def __init__(self, script: Script) -> None:
         self.script = script
-        base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": MODEL}
-        pieces = script.pieces()
-        self.events = [_event({**base, "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})]
-        self.events += [_event({**base, "choices": [
-            {"index": 0, "delta": {field: text}, "finish_reason": None}]})
-            for field, text in pieces]
-        self.events.append(_event({**base, "choices": [
-            {"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-        self.events.append(b"data: [DONE]\n\n")
-        self.completion = json.dumps({
-            "id": "chatcmpl-bench", "object": "chat.completion", "created": base["created"],
-            "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                "role": "assistant", "reasoning_content": REASONING, "content": ANSWER}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": len(pieces),
-                      "total_tokens": 10 + len(pieces)},
-        }).encode()
+        created = int(time.time())
+        self.streams = [self._events(script, variant, created) for variant in range(VARIANTS)]
+        self.completions = []
+        for variant in range(VARIANTS):
+            reasoning, answer = texts(variant)
+            self.completions.append(json.dumps({
+                "id": "chatcmpl-bench", "object": "chat.completion", "created": created,
+                "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "reasoning_content": reasoning, "content": answer}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": script.chunks,
+                          "total_tokens": 10 + script.chunks},
+            }).encode())
         self.models = json.dumps({"object": "list", "data": [
-            {"id": MODEL, "object": "model", "created": base["created"], "owned_by": "bench"}]
+            {"id": MODEL, "object": "model", "created": created, "owned_by": "bench"}]
         }).encode()
+
+    @staticmethod
+    def _events(script: Script, variant: int, created: int) -> list[bytes]:
+        base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": created,
+                "model": MODEL}
+        events = [_event({**base, "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})]
+        events += [_event({**base, "choices": [
+            {"index": 0, "delta": {field: text}, "finish_reason": None}]})
+            for field, text in script.pieces(variant)]
+        events.append(_event({**base, "choices": [
+            {"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+        events.append(b"data: [DONE]\n\n")
+        return events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # served with lifespan="off": nothing to start or stop
@@ -119,21 +149,30 @@ class FakeUpstream:
             if not message.get("more_body"):
                 break
         try:
-            stream = bool(json.loads(body).get("stream"))
+            request = json.loads(body)
+            stream = bool(request.get("stream"))
+            variant = _variant(request) % VARIANTS
         except (ValueError, AttributeError):
             await _respond(send, 400, b"application/json",
                            b'{"error":{"message":"bad JSON","type":"invalid_request_error"}}')
             return
         if not stream:
-            await _respond(send, 200, b"application/json", self.completion)
+            await _respond(send, 200, b"application/json", self.completions[variant])
             return
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-        for event in self.events:
+        for event in self.streams[variant]:
             if self.script.chunk_delay_s:
                 await asyncio.sleep(self.script.chunk_delay_s)
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _variant(request: dict[str, Any]) -> int:
+    messages = request.get("messages") or [{}]
+    content = messages[-1].get("content") if isinstance(messages[-1], dict) else None
+    found = _REQUEST_NUMBER.search(content) if isinstance(content, str) else None
+    return int(found.group(1)) if found else 0
 
 
 async def _respond(send: Send, status: int, content_type: bytes, body: bytes) -> None:

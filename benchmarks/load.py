@@ -25,12 +25,12 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.fake_upstream import ANSWER, REASONING
+from benchmarks.fake_upstream import texts
 from benchmarks.launch import start_guardrail, start_upstream
 from benchmarks.processes import ServerProcess
 from benchmarks.stream_client import StreamResult, percentile, run_for, run_requests
 
-EXPECTED = (REASONING, ANSWER)
+EXPECTED = texts  # every stream is checked against the text the model sent it
 BOUNDED_GROWTH = 1.10
 
 
@@ -118,24 +118,28 @@ def report(args: argparse.Namespace, results: list[StreamResult], warm: list[Str
            elapsed: float, start_mib: float, peak_mib: float, halves: tuple[float, float],
            cases: int) -> int:
     errors = [result for result in results if result.error]
-    ok = [result for result in results if result.error is None]
+    corrected = [result for result in results if result.corrected]
+    ok = [result for result in results if result.error is None and result.corrected is None]
     ttft = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
     total = [r.total_s * 1000 for r in ok]
     sent = len(results) + len(warm)
     bounded = halves[1] <= halves[0] * BOUNDED_GROWTH
-    print("| streams finished | errors | streams/s | TTFT p50 / p99 ms | total p50 / p99 ms "
+    print("| streams finished | errors | guard corrections | streams/s | TTFT p50 / p99 ms "
+          "| total p50 / p99 ms "
           "| RSS at start MiB | peak RSS MiB | peak, 1st half / 2nd half MiB | cases stored "
           "/ streams sent |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {len(results)} | {len(errors)} | {len(results) / elapsed:.1f} "
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {len(results)} | {len(errors)} | {len(corrected)} | {len(results) / elapsed:.1f} "
           f"| {percentile(ttft, 0.5):.0f} / {percentile(ttft, 0.99):.0f} "
           f"| {percentile(total, 0.5):.0f} / {percentile(total, 0.99):.0f} "
           f"| {start_mib:.0f} | {peak_mib:.0f} | {halves[0]:.0f} / {halves[1]:.0f} "
           f"| {cases} / {sent} |")
     for result in errors[:5]:
         print(f"\nerror: {result.error}")
-    print(f"\nErrors: {len(errors)}. Memory {'bounded' if bounded else 'GREW'}: the second "
-          f"half's peak is {halves[1] / halves[0] * 100 - 100:+.1f} % on the first's. "
+    print(f"\nErrors: {len(errors)}. Guard corrections (the embedded guard judging a benign "
+          f"step unsafe; not counted as errors, left out of the times): {len(corrected)}. "
+          f"Memory {'bounded' if bounded else 'GREW'}: the second half's peak is "
+          f"{halves[1] / halves[0] * 100 - 100:+.1f} % on the first's. "
           f"Cases: {'every stream stored' if cases == sent else 'MISSING some'}.")
     return 0 if not errors and bounded and cases == sent else 1
 

@@ -28,12 +28,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.fake_upstream import ANSWER, REASONING
+from benchmarks.fake_upstream import ANSWER, REASONING, texts
 from benchmarks.launch import litellm_executable, start_guardrail, start_litellm, start_upstream
 from benchmarks.processes import ServerProcess
 from benchmarks.stream_client import StreamResult, Target, percentile, run_requests
 
-EXPECTED = (REASONING, ANSWER)
+EXPECTED = texts  # every stream is checked against the text the model sent it
 
 
 @dataclass
@@ -47,7 +47,16 @@ class Row:
 
     @property
     def ok(self) -> list[StreamResult]:
-        return [result for result in self.results if result.error is None]
+        """Streams relayed untouched: not failed, not corrected by the guard."""
+        return [r for r in self.results if r.error is None and r.corrected is None]
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for result in self.results if result.error is not None)
+
+    @property
+    def corrected(self) -> int:
+        return sum(1 for result in self.results if result.corrected is not None)
 
     def ms(self, q: float, ttft: bool) -> float:
         samples = [(r.ttft_s if ttft else r.total_s) or 0.0 for r in self.ok]
@@ -85,8 +94,9 @@ def print_level(concurrency: int, rows: list[Row]) -> None:
     direct = rows[0]
     print(f"\n#### concurrency {concurrency}\n")
     print("| target | TTFT p50 | TTFT p99 | total p50 | total p99 | added p50 (TTFT / total) "
-          "| streams/s | % of direct | proxy CPU ms/stream | client CPU % | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| streams/s | % of direct | proxy CPU ms/stream | client CPU % | errors "
+          "| guard corrections |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         added = ("—" if row is direct else
                  f"{row.ms(0.5, True) - direct.ms(0.5, True):+.1f} / "
@@ -97,7 +107,7 @@ def print_level(concurrency: int, rows: list[Row]) -> None:
               f"| {row.ms(0.5, False):.1f} | {row.ms(0.99, False):.1f} | {added} "
               f"| {row.rate:.1f} | {row.rate / direct.rate * 100 if direct.rate else 0:.0f} % "
               f"| {cpu} | {row.client_cpu_s / row.elapsed_s * 100:.0f} % "
-              f"| {len(row.results) - len(row.ok)} |")
+              f"| {row.errors} | {row.corrected} |")
     errors = [(row.target.name, r.error) for row in rows for r in row.results if r.error]
     for name, error in errors[:5]:
         print(f"\nerror ({name}): {error}")
@@ -172,7 +182,7 @@ def run_regime(args: argparse.Namespace, delay_ms: float, litellm: Path | None,
         print("\nPeak memory (VmHWM): " + ", ".join(
             f"{server.name} {server.memory_mib('VmHWM'):.0f} MiB" for server, _ in servers)
             + f"; the fake model {upstream.memory_mib('VmHWM'):.0f} MiB.")
-        errors = sum(len(row.results) - len(row.ok) for rows in results.values() for row in rows)
+        errors = sum(row.errors for rows in results.values() for row in rows)
     return met, errors
 
 

@@ -1,7 +1,7 @@
 """The benchmarks' client: many concurrent streamed chat completions, each timed.
 
 A stream counts as an error if its HTTP status is not 200, if it carries an error event, if it
-ends without ``data: [DONE]``, or (with ``expect_text``) if the reasoning and answer it carried
+ends without ``data: [DONE]``, or (with ``expect``) if the reasoning and answer it carried
 are not exactly the text the model sent. Time to first token is the time to the first event with
 non-empty reasoning or answer text (a proxy's opening role chunk does not count).
 """
@@ -9,6 +9,7 @@ non-empty reasoning or answer text (a proxy's opening role chunk does not count)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import re
@@ -30,6 +31,9 @@ class StreamResult:
     total_s: float
     ttft_s: float | None
     error: str | None = None
+    corrected: str | None = None
+    """The proxy's action when its guard changed the text (``intervened``, ``refused``...): a
+    verdict, not a failure, and a different path, so kept out of the latency figures."""
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,18 @@ class Target:
     api_key: str | None = None
 
 
-def chat_body(model: str = "fake-model") -> dict[str, Any]:
+Expect = Callable[[int], tuple[str, str]]
+"""Request number -> the (reasoning, answer) the model will send for it."""
+
+# Numbers every request this process sends, across runs: the fake model answers request N with
+# its text number N (benchmarks/fake_upstream.py), so no two nearby streams carry the same text.
+_request_numbers = itertools.count()
+
+
+def chat_body(number: int, model: str = "fake-model") -> dict[str, Any]:
     return {"model": model, "stream": True, "messages": [
         {"role": "user", "content": "How do I keep my sourdough starter alive while I am away "
-                                    "for three weeks?"}]}
+                                    f"for three weeks? (request {number})"}]}
 
 
 def streamed_text(body: bytes) -> tuple[str, str]:
@@ -132,7 +144,16 @@ async def one_stream(connection: _Connection, target: Target, body: bytes,
         return StreamResult(started, time.perf_counter() - started, ttft,
                             f"{type(failure).__name__}: {failure}")
     total = time.perf_counter() - started
-    return StreamResult(started, total, ttft, _check(status, bytes(received), expect_text))
+    body = bytes(received)
+    error = _check(status, body, expect_text)
+    action = _ACTION.findall(body[-2000:])
+    if error == _DIFFERS and action and action[-1] != b"pass":
+        return StreamResult(started, total, ttft, corrected=action[-1].decode())
+    return StreamResult(started, total, ttft, error)
+
+
+_DIFFERS = "streamed text differs from what the model sent"
+_ACTION = re.compile(rb'"action":"(\w+)"')
 
 
 def _check(status: int, body: bytes, expect_text: tuple[str, str] | None) -> str | None:
@@ -143,40 +164,38 @@ def _check(status: int, body: bytes, expect_text: tuple[str, str] | None) -> str
     if _DONE not in body[-32:]:
         return "stream ended without [DONE]"
     if expect_text is not None and streamed_text(body) != expect_text:
-        return "streamed text differs from what the model sent"
+        return _DIFFERS
     return None
 
 
 async def run_requests(target: Target, concurrency: int, requests: int,
-                       expect_text: tuple[str, str] | None = None,
-                       body: dict[str, Any] | None = None) -> list[StreamResult]:
+                       expect: Expect | None = None) -> list[StreamResult]:
     """``requests`` streams, ``concurrency`` of them in flight at any time."""
     remaining = iter(range(requests))
     return await _workers(target, concurrency, lambda: next(remaining, None) is not None,
-                          expect_text, body)
+                          expect)
 
 
 async def run_for(target: Target, concurrency: int, duration_s: float,
-                  expect_text: tuple[str, str] | None = None,
-                  body: dict[str, Any] | None = None) -> list[StreamResult]:
+                  expect: Expect | None = None) -> list[StreamResult]:
     """``concurrency`` streams in flight, each replaced as it ends, for ``duration_s``."""
     deadline = time.perf_counter() + duration_s
-    return await _workers(target, concurrency, lambda: time.perf_counter() < deadline,
-                          expect_text, body)
+    return await _workers(target, concurrency, lambda: time.perf_counter() < deadline, expect)
 
 
 async def _workers(target: Target, concurrency: int, another: Callable[[], bool],
-                   expect_text: tuple[str, str] | None,
-                   body: dict[str, Any] | None) -> list[StreamResult]:
+                   expect: Expect | None) -> list[StreamResult]:
     results: list[StreamResult] = []
     address = urlsplit(target.base_url)
-    payload = json.dumps(body or chat_body()).encode()
 
     async def worker() -> None:
         connection = _Connection(address.hostname or "127.0.0.1", address.port or 80)
         try:
             while another():
-                results.append(await one_stream(connection, target, payload, expect_text))
+                number = next(_request_numbers)
+                payload = json.dumps(chat_body(number)).encode()
+                results.append(await one_stream(connection, target, payload,
+                                                expect(number) if expect else None))
         finally:
             connection.close()
 
