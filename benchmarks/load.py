@@ -7,9 +7,9 @@ Every stream must arrive whole and exactly as the model wrote it; the proxy's me
 every second; at the end every stream must have its case in the store.
 
 Printed: streams finished, errors (with the first few), time to first token and total time,
-the proxy's memory at start, its peak, and the peak of each half of the run (memory is bounded
-if the second half's peak is within 10 % of the first's), and the cases stored against the
-streams sent.
+the proxy's memory at start, its peak, and the peaks of the middle and last thirds of the run
+(memory is bounded if the last third's peak is within 10 % of the middle third's; the first third
+is the ramp-up), its memory every 10 s, and the cases stored against the streams sent.
 
     .venv/bin/python -m benchmarks.load [--streams 200] [--duration 60] [--guard embedded]
 """
@@ -57,13 +57,23 @@ class MemorySampler:
             self.samples.append((time.monotonic() - started, self.server.memory_mib()))
             self._stop.wait(1.0)
 
-    def halves(self) -> tuple[float, float]:
+    def thirds(self) -> tuple[float, float]:
+        """The peak RSS of the middle and of the last third of the run. The first third is
+        the ramp-up (the guard's batches and the streams' buffers reaching full size)."""
         if not self.samples:
             return float("nan"), float("nan")
-        middle = self.samples[-1][0] / 2
-        first = [rss for at, rss in self.samples if at <= middle] or [float("nan")]
-        second = [rss for at, rss in self.samples if at > middle] or first
-        return max(first), max(second)
+        end = self.samples[-1][0]
+        middle = [rss for at, rss in self.samples if end / 3 < at <= 2 * end / 3]
+        last = [rss for at, rss in self.samples if at > 2 * end / 3]
+        return max(middle or [float("nan")]), max(last or middle or [float("nan")])
+
+    def series(self, every_s: float = 10.0) -> str:
+        shown, next_at = [], 0.0
+        for at, rss in self.samples:
+            if at >= next_at:
+                shown.append(f"{at:.0f} s: {rss:.0f}")
+                next_at += every_s
+        return ", ".join(shown)
 
 
 def stored_cases(database: Path) -> int:
@@ -111,35 +121,37 @@ def main(argv: list[str] | None = None) -> int:
         unstored = workdir / "guardrail-unstored.jsonl"
         fallback = len(unstored.read_text().splitlines()) if unstored.exists() else 0
         cases = stored_cases(database) + fallback
-    return report(args, results, warm, elapsed, start_mib, peak_mib, sampler.halves(), cases)
+    return report(args, results, warm, elapsed, start_mib, peak_mib, sampler, cases)
 
 
 def report(args: argparse.Namespace, results: list[StreamResult], warm: list[StreamResult],
-           elapsed: float, start_mib: float, peak_mib: float, halves: tuple[float, float],
+           elapsed: float, start_mib: float, peak_mib: float, sampler: MemorySampler,
            cases: int) -> int:
+    middle, last = sampler.thirds()
     errors = [result for result in results if result.error]
     corrected = [result for result in results if result.corrected]
     ok = [result for result in results if result.error is None and result.corrected is None]
     ttft = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
     total = [r.total_s * 1000 for r in ok]
     sent = len(results) + len(warm)
-    bounded = halves[1] <= halves[0] * BOUNDED_GROWTH
+    bounded = last <= middle * BOUNDED_GROWTH
     print("| streams finished | errors | guard corrections | streams/s | TTFT p50 / p99 ms "
           "| total p50 / p99 ms "
-          "| RSS at start MiB | peak RSS MiB | peak, 1st half / 2nd half MiB | cases stored "
+          "| RSS at start MiB | peak RSS MiB | peak, middle / last third MiB | cases stored "
           "/ streams sent |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {len(results)} | {len(errors)} | {len(corrected)} | {len(results) / elapsed:.1f} "
           f"| {percentile(ttft, 0.5):.0f} / {percentile(ttft, 0.99):.0f} "
           f"| {percentile(total, 0.5):.0f} / {percentile(total, 0.99):.0f} "
-          f"| {start_mib:.0f} | {peak_mib:.0f} | {halves[0]:.0f} / {halves[1]:.0f} "
+          f"| {start_mib:.0f} | {peak_mib:.0f} | {middle:.0f} / {last:.0f} "
           f"| {cases} / {sent} |")
     for result in errors[:5]:
         print(f"\nerror: {result.error}")
+    print(f"\nProxy RSS (MiB) every 10 s: {sampler.series()}.")
     print(f"\nErrors: {len(errors)}. Guard corrections (the embedded guard judging a benign "
           f"step unsafe; not counted as errors, left out of the times): {len(corrected)}. "
-          f"Memory {'bounded' if bounded else 'GREW'}: the second half's peak is "
-          f"{halves[1] / halves[0] * 100 - 100:+.1f} % on the first's. "
+          f"Memory {'bounded' if bounded else 'GREW'}: the last third's peak is "
+          f"{last / middle * 100 - 100:+.1f} % on the middle third's. "
           f"Cases: {'every stream stored' if cases == sent else 'MISSING some'}.")
     return 0 if not errors and bounded and cases == sent else 1
 

@@ -147,7 +147,10 @@ async def one_stream(connection: _Connection, target: Target, body: bytes,
     body = bytes(received)
     error = _check(status, body, expect_text)
     action = _ACTION.findall(body[-2000:])
-    if error == _DIFFERS and action and action[-1] != b"pass":
+    if error == _DIFFERS and action and action[-1] == b"error":
+        # The guard failed (a timeout, say) and the stream ended: a failure, not a verdict.
+        error = "the proxy ended the stream with action error (guard failed or timed out)"
+    elif error == _DIFFERS and action and action[-1] != b"pass":
         return StreamResult(started, total, ttft, corrected=action[-1].decode())
     return StreamResult(started, total, ttft, error)
 
