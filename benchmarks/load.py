@@ -1,8 +1,10 @@
 """Load: many concurrent streams through our proxy for a minute, with the shipped defaults.
 
-The fake model (its own process) paces its chunks like a model does; the proxy runs as users
-run it (``guardrail serve``, the embedded guard, the SQLite store); this process keeps
-``--streams`` streams in flight for ``--duration`` seconds, starting a new one as each ends.
+The fake model (its own process) paces its chunks like a model does, slowly enough by default
+that the 200 streams ask no more of the embedded guard than 2 CPU cores can judge; the proxy
+runs as users run it (``guardrail serve``, the embedded guard, the SQLite store); this process
+keeps ``--streams`` streams in flight for ``--duration`` seconds, starting a new one as each
+ends.
 Every stream must arrive whole and exactly as the model wrote it; the proxy's memory is sampled
 every second; at the end every stream must have its case in the store.
 
@@ -88,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds")
     parser.add_argument("--guard", default="embedded", help="guard.kind (default: embedded)")
     parser.add_argument("--chunks", type=int, default=100)
-    parser.add_argument("--chunk-delay-ms", type=float, default=20.0,
-                        help="the model's pace: 20 ms a chunk is 50 tokens/s per stream")
+    # 200 streams at 5 tokens/s each ask the guard for about 10 streams' worth of checks a
+    # second: within what the embedded guard judges on 2 CPU cores (about 15). At 20 ms a chunk
+    # they ask for 100, the guard falls behind, and checks that wait past guard.timeout_s end
+    # their streams (on_error: block).
+    parser.add_argument("--chunk-delay-ms", type=float, default=200.0,
+                        help="the model's pace: 200 ms a chunk is 5 tokens/s per stream")
     args = parser.parse_args(argv)
 
     print(f"## load.py: {args.streams} concurrent streams for {args.duration:.0f} s\n")
