@@ -114,6 +114,26 @@ def assert_next_request_is_normal(proxy: Proxy) -> None:
     assert streamed_text(sse_events(raw)) == (REASONING, ANSWER)
 
 
+def assert_broken_stream(proxy: Proxy, response: httpx.Response, raw: bytes,
+                         stream: bool) -> list[Any]:
+    """A stream that broke off: an error event then ``[DONE]`` (streamed) or a 502, and the case
+    stored as an error. Returns the SSE events (empty when not streamed)."""
+    events: list[Any] = []
+    if stream:
+        assert response.status_code == 200
+        events = sse_events(raw)
+        assert events[-1] == "[DONE]"
+        error = events[-2]["error"]
+        case_id = events[-2]["guardrail"]["case_id"]
+    else:
+        error = assert_openai_error(response, 502)
+        case_id = response.headers["x-guardrail-case-id"]
+    assert error["type"] == "upstream_error" and error["code"] == "upstream_stream_broken"
+    case = stored_case(proxy, case_id)
+    assert case["action"] == "error" and "UpstreamStreamBroken" in case["error"]
+    return events
+
+
 def stored_case(proxy: Proxy, case_id: str) -> dict[str, Any]:
     # The case is written before the response ends; poll briefly all the same, as a client
     # would, so a slow disk does not make this flaky.
@@ -216,20 +236,10 @@ def test_upstream_dying_mid_stream(
         baseline = probe[0].tasks()
         response, raw, elapsed = timed_request(proxy, stream)
         assert elapsed < BOUND_S
+        events = assert_broken_stream(proxy, response, raw, stream)
         if stream:
-            assert response.status_code == 200
-            events = sse_events(raw)
-            assert events[-1] == "[DONE]"
-            error = events[-2]["error"]
-            case_id = events[-2]["guardrail"]["case_id"]
             reasoning, content = streamed_text(events)
             assert REASONING.startswith(reasoning) and content == ""
-        else:
-            error = assert_openai_error(response, 502)
-            case_id = response.headers["x-guardrail-case-id"]
-        assert error["type"] == "upstream_error" and error["code"] == "upstream_stream_broken"
-        case = stored_case(proxy, case_id)
-        assert case["action"] == "error" and "UpstreamStreamBroken" in case["error"]
         assert probe[0].settles_to(baseline) == baseline
         assert_next_request_is_normal(proxy)
 
@@ -251,21 +261,11 @@ def test_upstream_sending_malformed_sse(
         baseline = probe[0].tasks()
         response, raw, elapsed = timed_request(proxy, stream)
         assert elapsed < BOUND_S
+        events = assert_broken_stream(proxy, response, raw, stream)
         if stream:
-            assert response.status_code == 200
-            events = sse_events(raw)
-            assert events[-1] == "[DONE]"
-            error = events[-2]["error"]
-            case_id = events[-2]["guardrail"]["case_id"]
             # Nothing after the malformed line reached the client.
             reasoning, content = streamed_text(events)
             assert len(reasoning) <= 5 * fault.chunk_chars and content == ""
-        else:
-            error = assert_openai_error(response, 502)
-            case_id = response.headers["x-guardrail-case-id"]
-        assert error["type"] == "upstream_error" and error["code"] == "upstream_stream_broken"
-        case = stored_case(proxy, case_id)
-        assert case["action"] == "error" and "UpstreamStreamBroken" in case["error"]
         record = proxy.upstream.chat_requests[0]
         assert record.ended.wait(2) and record.disconnected and not record.completed
         assert probe[0].settles_to(baseline) == baseline
