@@ -70,6 +70,10 @@ class GuardConfig(_Section):
     compliance_cues: bool = True
     """Also flag a step that commits to carrying out a request the guard judges harmful (IPO's
     compliance cue), so the cut comes at the commitment rather than at the first specifics."""
+    refusal_rule: bool = True
+    """Never cut a sentence that declines or redirects ("I can't help with that"): it is taken
+    out of the step before the guard judges the rest (``guardrail/refusals.py``). Guards often
+    score refusals that name the harm as the harm, and cutting them makes corrections loop."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Settings only one backend understands (``device``, ``batch_size``, ``controversial``,
     a cascade's stages, a judge's prompt...); each backend validates its own and names the

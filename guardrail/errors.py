@@ -3,6 +3,10 @@ OpenAI-shaped error bodies (or, inside a started stream, an error event then ``[
 
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger(__name__)
+
 
 class GuardrailError(Exception):
     """Base of every error the library raises on purpose."""
@@ -10,6 +14,36 @@ class GuardrailError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     code: str | None = None
+
+
+class InternalError(GuardrailError):
+    """An exception that is not one of ours, raised while a response was produced (a bug in a
+    backend or in the proxy). The client is told only its type; ``detail`` has the rest, for
+    the case record and the log."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
+def internal_error(error: BaseException) -> GuardrailError:
+    """The one place an exception joins this tree: ours pass as they are; any other is logged
+    whole, once, and becomes an :class:`InternalError` naming its type."""
+    if isinstance(error, GuardrailError):
+        return error
+    logger.error("unexpected %s while producing a response", type(error).__name__,
+                 exc_info=error)
+    return InternalError(f"internal error in the guardrail proxy ({type(error).__name__})",
+                         detail=f"{type(error).__name__}: {error}")
+
+
+def describe(error: BaseException) -> str:
+    """How a case records an error: its type and message (the whole detail for ours)."""
+    if isinstance(error, InternalError):
+        return f"InternalError: {error.detail}"
+    return f"{type(error).__name__}: {error}"
 
 
 class ConfigError(GuardrailError):

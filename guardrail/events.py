@@ -18,6 +18,24 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldText:
+    """Text whose channel is not known yet: untagged leading content of an upstream whose
+    template may have opened the think block in the prompt (``upstream.think_start: auto``).
+    It is split and judged as it streams, but released only once a :class:`HeldResolved` says
+    which channel it belongs to."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeldResolved:
+    """All :class:`HeldText` so far belongs to ``channel``: ``reasoning`` when a ``</think>``
+    closed it, ``answer`` when the response ended (or reasoning came in its own field)."""
+
+    channel: Channel
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     """The model stopped: ``stop``, ``length``, ``tool_calls``, ``content_filter``."""
 
@@ -42,4 +60,4 @@ class ResponseMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-UpstreamEvent = TextDelta | Finish | Usage | ResponseMeta
+UpstreamEvent = TextDelta | HeldText | HeldResolved | Finish | Usage | ResponseMeta

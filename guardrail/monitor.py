@@ -1,17 +1,25 @@
 """The guarded stream: checks every step while generation goes on and decides what the client
 may see.
 
-A producer task reads the upstream and splits its text into steps; each finished step is sent to
-the guard at once (a few checks in flight per stream), so the guard's latency hides behind the
-model's. The consumer, which is what the caller iterates, releases text in order:
+A response is a sequence of rounds. The first round is the model's own attempt; each later one
+is the continuation a corrector asked for after a flag. In a round, a producer task reads the
+upstream and splits its text into steps; each finished step is sent to the guard at once (a few
+checks in flight per stream), so the guard's latency hides behind the model's. The release loop,
+which is what the caller iterates, lets text out in order:
 
-- strict: a step is released only after it and every step before it were judged safe, so not
-  one character of a flagged step reaches the client;
-- fast: text is released as it arrives and judged behind it; a step's text waits only for the
-  verdicts of the steps before it, so at most the flagged step itself leaks.
+- strict (``_release_strict``): a step is released only after it and every step before it were
+  judged safe, so not one character of a flagged step reaches the client;
+- fast (``_release_fast``): text is released as it arrives and judged behind it; a step's text
+  waits only for the verdicts of the steps before it, so at most the flagged step itself leaks.
 
-On an unsafe verdict the upstream request is cancelled, unreleased text is withheld, and the
-corrector decides what follows. A continuation it returns is guarded the same way, for at most
+Text whose channel is not known yet (``HeldText``: an R1-style template opened the think block
+in the prompt) is judged as it streams but held, in both modes, until ``HeldResolved`` says
+where it belongs.
+
+A round ends in one outcome: ``Completed`` (the model finished), ``Flagged`` (a step was judged
+unsafe: the upstream is cancelled and unreleased text withheld) or ``Failed`` (the upstream
+broke). After a flag, or a continuation that failed before it showed anything, the corrector
+plans what follows; a continuation it returns is the next round, for at most
 ``correction.max_rounds`` rounds; then the answer is a refusal.
 """
 
@@ -25,15 +33,26 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from guardrail.cases.model import Case, Correction, Flag, StepRecord
 from guardrail.config import Config
 from guardrail.correctors.base import CorrectionContext, CorrectionPlan, Corrector
 from guardrail.correctors.simple import RefuseCorrector
-from guardrail.errors import GuardError, UpstreamError, UpstreamStreamBroken
-from guardrail.events import Channel, Finish, ResponseMeta, TextDelta, UpstreamEvent, Usage
+from guardrail.errors import GuardrailError, UpstreamError, UpstreamStreamBroken, internal_error
+from guardrail.events import (
+    Channel,
+    Finish,
+    HeldResolved,
+    HeldText,
+    ResponseMeta,
+    TextDelta,
+    UpstreamEvent,
+    Usage,
+)
 from guardrail.guards.base import Guard, GuardView, Verdict
 from guardrail.metrics import Metrics
+from guardrail.step_checker import StepChecker, record_verdict
 from guardrail.steps import StepSplitter
 from guardrail.upstreams.base import ChatRequest, Upstream
 from guardrail.views import build_view, request_text
@@ -48,13 +67,20 @@ def estimate_tokens(text: str) -> int:
     """A tokenizer-free token count (words and punctuation): close enough for wait tokens."""
     return len(_TOKEN.findall(text))
 
+
 OutputEvent = TextDelta | Finish | Usage | ResponseMeta
+Ending = Literal["finished", "failed"]
+
+
+# -- what the producer hands the release loop ----------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Step:
     record: StepRecord
     check: asyncio.Task[Verdict] | None
+    held: bool = False
+    """Held text: judged now, released once its channel is known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +99,7 @@ class _End:
     pass
 
 
-_Item = _Step | _Chunk | _Failure | _End | Finish | Usage | ResponseMeta
+_Item = _Step | _Chunk | _Failure | _End | HeldResolved | Finish | Usage | ResponseMeta
 
 
 class _Inbox:
@@ -110,36 +136,56 @@ class _Inbox:
         return self._items[0] if self._items else None
 
 
-@dataclass(slots=True)
-class _Flagged:
+# -- how a round ends ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Flagged:
     step: _Step
     verdict: Verdict
 
 
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: BaseException
+
+
+RoundOutcome = Completed | Flagged | Failed
+
+
 @dataclass(slots=True)
-class _RoundState:
+class _Round:
+    number: int
     splitters: dict[Channel, StepSplitter]
-    queue: _Inbox = field(default_factory=_Inbox)
+    held_splitter: StepSplitter
+    inbox: _Inbox = field(default_factory=_Inbox)
     steps: list[_Step] = field(default_factory=list)
     judged_behind: list[_Step] = field(default_factory=list)
     """Fast mode: steps released before their verdict, oldest first."""
-    number: int = 0
-    flagged: _Flagged | None = None
+    held_safe: list[_Step] = field(default_factory=list)
+    """Held steps judged safe, waiting for their channel."""
+    outcome: RoundOutcome | None = None
     finish_reason: str | None = None
     withheld: str = ""
     released_chars: int = 0
-    failure: BaseException | None = None
-    """A continuation that failed before showing anything (the response falls back)."""
 
     def text(self) -> str:
         """Everything the model wrote in this round."""
         pending = "".join(splitter.pending for splitter in self.splitters.values())
-        return "".join(step.record.text for step in self.steps) + pending
+        return ("".join(step.record.text for step in self.steps) + pending
+                + self.held_splitter.pending)
 
 
 class GuardedStream:
     """One guarded response. Iterate ``events()`` once; the ``case`` fills in as it goes and is
-    complete when the iteration ends, however it ends."""
+    complete when the iteration ends, however it ends. ``ended`` says how: ``finished`` (the
+    last event was a ``Finish``), ``failed`` (an exception left ``events()``), or None (the
+    iteration was closed before the end: the client left)."""
 
     def __init__(
         self,
@@ -159,6 +205,8 @@ class GuardedStream:
         self.config = config
         self.metrics = metrics
         self.case = case
+        self.ended: Ending | None = None
+        self._checker = StepChecker(guard, config.guard, metrics)
         self._checking = guard.name != "none"
         self._strict = config.stream.mode == "strict" and self._checking
         self._request_text = request_text(request.messages, config.guard.max_request_chars)
@@ -167,125 +215,115 @@ class GuardedStream:
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self._meta_sent = False
-        self._round: _RoundState | None = None
+        self._round: _Round | None = None
         self._released: dict[Channel, list[str]] = {"reasoning": [], "answer": []}
         case.mode = config.stream.mode if self._checking else "passthrough"
         case.guard = guard.name
 
-    async def events(self) -> AsyncIterator[OutputEvent]:
+    async def events(self) -> AsyncGenerator[OutputEvent, None]:
         source: AsyncIterator[UpstreamEvent] = self.upstream.stream(self.request)
-        round_number = 0
+        number = 0
         correction: Correction | None = None  # the correction whose continuation is running
         flagged_at: float | None = None
         try:
             while True:
-                state = self._new_round(round_number)
+                round_ = self._new_round(number)
                 # aclosing: if this generator is closed early (the client left), the round's
                 # clean-up (cancel the upstream and the checks) must run now, not at GC.
-                async with contextlib.aclosing(self._run_round(source, state, round_number)) as (
-                    round_events
-                ):
-                    async for event in round_events:
+                async with contextlib.aclosing(self._run_round(source, round_)) as released:
+                    async for event in released:
                         if flagged_at is not None and isinstance(event, TextDelta):
-                            waited = time.perf_counter() - flagged_at
-                            self.metrics.intervention_latency.observe(waited)
+                            self.metrics.intervention_latency.observe(
+                                time.perf_counter() - flagged_at)
                             flagged_at = None
                         yield event
+                outcome = round_.outcome
+                assert outcome is not None, "a round that returned has an outcome"
                 if correction is not None:
-                    self._close_correction(correction, state)
-                if state.flagged is None and state.failure is None:
-                    self.case.finish_reason = state.finish_reason
-                    yield Finish(state.finish_reason)
+                    self._close_correction(correction, round_, outcome)
+                if isinstance(outcome, Completed):
+                    yield self._finish(outcome.finish_reason)
                     return
+                if isinstance(outcome, Failed) and (number == 0 or round_.released_chars):
+                    # The model's own attempt broke, or a continuation broke after it showed
+                    # text: the response ends in that error.
+                    raise outcome.error
                 flagged_at = time.perf_counter()
-                plan, correction = await self._plan_correction(state, round_number + 1)
+                plan, correction = await self._plan_correction(round_, outcome)
                 for delta in plan.inserted:
                     self._note_released(delta)
                     self._history.append(delta.text)
                     yield delta
                 if plan.continuation is None:
-                    self.case.finish_reason = plan.finish_reason
                     self._count_corrections()
-                    yield Finish(plan.finish_reason)
+                    yield self._finish(plan.finish_reason)
                     return
                 source = plan.continuation
-                round_number += 1
+                number += 1
+        except GuardrailError:
+            self.ended = "failed"
+            raise
+        except Exception as error:  # a corrector's or a guard wrapper's bug: still ours to name
+            self.ended = "failed"
+            raise internal_error(error) from error
         finally:
             self._sync_released()
             self.case.timings.total_ms = (time.perf_counter() - self._started) * 1000
+
+    def _finish(self, reason: str | None) -> Finish:
+        self.case.finish_reason = reason
+        self.ended = "finished"
+        return Finish(reason)
 
     def output_ready(self) -> bool:
         """Whether the next event of ``events()`` can be had without waiting: the next item is
         in, and releasing it waits for no verdict (nor for a correction after an unsafe one).
         A writer may then hold what it has and send both at once: one write, not one per event;
         when this is False it must send what it holds, or text could wait behind a verdict."""
-        state = self._round
-        item = state.queue.peek() if state is not None else None
-        if item is None or state is None:
+        round_ = self._round
+        item = round_.inbox.peek() if round_ is not None else None
+        if item is None or round_ is None:
             return False
         # Only items whose handling yields an event at once: a fast-mode step, a repeated
         # ResponseMeta or a Finish yield nothing and the loop goes on to wait for the next one.
         if isinstance(item, _Step):
-            return self._strict and self._judged_safe(item)
+            return (self._strict and not item.held) and _judged_safe(item)
         if isinstance(item, _Chunk | _End):
-            return all(self._judged_safe(step) for step in state.judged_behind)
+            return all(_judged_safe(step) for step in round_.judged_behind)
         if isinstance(item, ResponseMeta):
             return not self._meta_sent
         return isinstance(item, Usage)
 
-    @staticmethod
-    def _judged_safe(step: _Step) -> bool:
-        check = step.check
-        if check is None:
-            return True
-        return check.done() and not check.cancelled() and check.exception() is None and \
-            not check.result().unsafe
+    # -- one round: the upstream's text, guarded ---------------------------------------------
 
-    # -- one round: the upstream's text, guarded -------------------------------------------
-
-    def _new_round(self, number: int) -> _RoundState:
+    def _new_round(self, number: int) -> _Round:
         stream = self.config.stream
-        splitters: dict[Channel, StepSplitter] = {
-            channel: StepSplitter(stream.split, stream.max_step_chars, stream.min_step_chars)
-            for channel in ("reasoning", "answer")
-        }
-        return _RoundState(splitters=splitters, number=number)
+
+        def splitter() -> StepSplitter:
+            return StepSplitter(stream.split, stream.max_step_chars, stream.min_step_chars)
+
+        return _Round(number=number,
+                      splitters={"reasoning": splitter(), "answer": splitter()},
+                      held_splitter=splitter())
 
     async def _run_round(
-        self, source: AsyncIterator[UpstreamEvent], state: _RoundState, round_number: int
+        self, source: AsyncIterator[UpstreamEvent], round_: _Round
     ) -> AsyncGenerator[OutputEvent, None]:
-        producer = asyncio.create_task(self._produce(source, state, round_number))
-        self._round = state
-        judged_behind = state.judged_behind
+        """Releases the round's text until its outcome is known."""
+        producer = asyncio.create_task(self._produce(source, round_))
+        self._round = round_
+        release = self._release_strict if self._strict else self._release_fast
         try:
-            while True:
-                item = await state.queue.get()
-                if isinstance(item, _Step):
-                    if self._strict:
-                        verdict = await self._verdict_of(item)
-                        if verdict.unsafe:
-                            state.flagged = _Flagged(item, verdict)
-                            return
-                        item.record.released = True
-                        delta = TextDelta(item.record.channel, item.record.text)
-                        self._note_released(delta)
-                        state.released_chars += len(delta.text)
+            while round_.outcome is None:
+                item = await round_.inbox.get()
+                if isinstance(item, _Step | _Chunk):
+                    delta = await release(item, round_)
+                    if delta is not None:
                         yield delta
-                    else:
-                        item.record.released = True  # its chunks went out before it
-                        judged_behind.append(item)
-                        state.flagged = self._first_unsafe_done(judged_behind)
-                        if state.flagged is not None:
-                            return
-                elif isinstance(item, _Chunk):
-                    # The next step's text waits for the verdicts before it: at most one step
-                    # (the flagged one) can leak.
-                    state.flagged = await self._first_unsafe(judged_behind)
-                    if state.flagged is not None:
-                        return
-                    self._note_released(item.delta)
-                    state.released_chars += len(item.delta.text)
-                    yield item.delta
+                elif isinstance(item, HeldResolved):
+                    delta = self._resolve_held(item.channel, round_)
+                    if delta is not None:
+                        yield delta
                 elif isinstance(item, ResponseMeta):
                     if not self._meta_sent:
                         self._meta_sent = True
@@ -294,24 +332,73 @@ class GuardedStream:
                     self.case.usage = item.data
                     yield item
                 elif isinstance(item, Finish):
-                    state.finish_reason = item.reason
-                else:  # _End or _Failure: every verdict still out decides first
-                    state.flagged = await self._first_unsafe(judged_behind)
-                    if state.flagged is None and isinstance(item, _Failure):
-                        if round_number > 0 and state.released_chars == 0:
-                            # A continuation that failed before showing anything: the response
-                            # falls back to a refusal rather than ending in an error.
-                            state.failure = item.error
-                            return
-                        raise item.error
-                    return
+                    round_.finish_reason = item.reason
+                else:
+                    # The upstream ended or failed: every verdict still out decides first.
+                    round_.outcome = await self._first_unsafe(round_.judged_behind) or (
+                        Failed(item.error) if isinstance(item, _Failure)
+                        else Completed(round_.finish_reason))
+                    if isinstance(round_.outcome, Completed) and round_.held_safe:
+                        # Held text nobody resolved: with nothing to say otherwise, an answer.
+                        delta = self._resolve_held("answer", round_)
+                        if delta is not None:
+                            yield delta
         finally:
             self._round = None
-            self._stop_round(producer, state)
+            self._stop_round(producer, round_)
 
-    async def _produce(
-        self, source: AsyncIterator[UpstreamEvent], state: _RoundState, round_number: int
-    ) -> None:
+    async def _release_strict(self, item: _Step | _Chunk, round_: _Round) -> TextDelta | None:
+        """Strict: a step goes out once it is judged safe (all before it were)."""
+        assert isinstance(item, _Step), "strict mode queues no raw chunks"
+        verdict = await _verdict_of(item)
+        if verdict.unsafe:
+            round_.outcome = Flagged(item, verdict)
+            return None
+        if item.held:
+            round_.held_safe.append(item)
+            return None
+        return self._release(item.record, round_)
+
+    async def _release_fast(self, item: _Step | _Chunk, round_: _Round) -> TextDelta | None:
+        """Fast: text goes out as it arrives, once the verdicts on the steps before it are in;
+        a step only joins the verdicts to wait for (its chunks went out before it)."""
+        behind = round_.judged_behind
+        if isinstance(item, _Step):
+            if item.held:
+                return await self._release_strict(item, round_)
+            item.record.released = True
+            behind.append(item)
+            round_.outcome = _first_unsafe_done(behind)
+            return None
+        round_.outcome = await self._first_unsafe(behind)
+        if round_.outcome is not None:
+            return None
+        self._note_released(item.delta)
+        round_.released_chars += len(item.delta.text)
+        return item.delta
+
+    def _release(self, record: StepRecord, round_: _Round) -> TextDelta:
+        record.released = True
+        delta = TextDelta(record.channel, record.text)
+        self._note_released(delta)
+        round_.released_chars += len(delta.text)
+        return delta
+
+    def _resolve_held(self, channel: Channel, round_: _Round) -> TextDelta | None:
+        """Held text is now known to be ``channel``: every held step before this point was
+        judged safe (they came first in the inbox), so it goes out as one delta."""
+        steps, round_.held_safe = round_.held_safe, []
+        if not steps:
+            return None
+        for step in steps:
+            step.record.channel = channel
+            step.record.released = True
+        delta = TextDelta(channel, "".join(step.record.text for step in steps))
+        self._note_released(delta)
+        round_.released_chars += len(delta.text)
+        return delta
+
+    async def _produce(self, source: AsyncIterator[UpstreamEvent], round_: _Round) -> None:
         current: Channel | None = None
         handled = 0
         try:
@@ -322,30 +409,35 @@ class GuardedStream:
                     # let the rest of the loop (other streams, this one's sender) run meanwhile.
                     await asyncio.sleep(0)
                 if isinstance(event, TextDelta):
-                    if self._first_token_at is None:
-                        self._first_token_at = time.perf_counter()
-                        elapsed = self._first_token_at - self._started
-                        self.case.timings.upstream_first_token_ms = elapsed * 1000
-                        self.metrics.upstream_first_token.observe(elapsed)
+                    self._note_first_token()
                     if current is not None and current != event.channel:
                         # The other channel's last sentence is complete once this one starts.
-                        finished = state.splitters[current].finish()
-                        self._emit_steps(state, current, finished, round_number)
+                        self._emit_steps(round_, current, round_.splitters[current].finish())
                     current = event.channel
                     if not self._strict:
-                        state.queue.put_nowait(_Chunk(event))
-                    steps = state.splitters[event.channel].feed(event.text)
-                    self._emit_steps(state, event.channel, steps, round_number)
+                        round_.inbox.put_nowait(_Chunk(event))
+                    self._emit_steps(round_, current, round_.splitters[current].feed(event.text))
+                elif isinstance(event, HeldText):
+                    self._note_first_token()
+                    # Judged as reasoning (what it is, when a template opened the think block).
+                    self._emit_steps(round_, "reasoning", round_.held_splitter.feed(event.text),
+                                     held=True)
+                elif isinstance(event, HeldResolved):
+                    self._emit_steps(round_, "reasoning", round_.held_splitter.finish(),
+                                     held=True)
+                    round_.inbox.put_nowait(event)
                 else:
-                    state.queue.put_nowait(event)
-            for channel in state.splitters:
-                self._emit_steps(state, channel, state.splitters[channel].finish(), round_number)
-            state.queue.put_nowait(_End())
+                    round_.inbox.put_nowait(event)
+            for channel, splitter in round_.splitters.items():
+                self._emit_steps(round_, channel, splitter.finish())
+            round_.inbox.put_nowait(_End())
         except UpstreamError as error:
-            state.queue.put_nowait(_Failure(error))
-        except Exception as error:  # a bug in a backend must still end the stream cleanly
-            logger.exception("upstream %s failed", self.upstream.name)
-            state.queue.put_nowait(_Failure(UpstreamStreamBroken(f"upstream failed: {error}")))
+            round_.inbox.put_nowait(_Failure(error))
+        except Exception as error:
+            # A bug in a backend (a parser, a corrector's stream) still ends the round cleanly.
+            logger.error("upstream %s failed", self.upstream.name, exc_info=error)
+            round_.inbox.put_nowait(_Failure(UpstreamStreamBroken(
+                f"upstream failed: {type(error).__name__}: {error}")))
         finally:
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
@@ -354,132 +446,98 @@ class GuardedStream:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(aclose())
 
-    def _emit_steps(
-        self, state: _RoundState, channel: Channel, texts: list[str], round_number: int
-    ) -> None:
+    def _note_first_token(self) -> None:
+        if self._first_token_at is None:
+            self._first_token_at = time.perf_counter()
+            elapsed = self._first_token_at - self._started
+            self.case.timings.upstream_first_token_ms = elapsed * 1000
+            self.metrics.upstream_first_token.observe(elapsed)
+
+    def _emit_steps(self, round_: _Round, channel: Channel, texts: list[str], *,
+                    held: bool = False) -> None:
         for text in texts:
             record = StepRecord(index=len(self.case.steps), channel=channel, text=text,
-                                round=round_number, released=not self._checking)
+                                round=round_.number, released=not self._checking)
             self.case.steps.append(record)
             check: asyncio.Task[Verdict] | None = None
             if self._checking:
                 view = build_view(self._request_text, self._history, text, channel,
-                                  self.config.guard.window_steps, round_number)
+                                  self.config.guard.window_steps, round_.number)
                 check = asyncio.create_task(self._check(view, record))
             self._history.append(text)
-            step = _Step(record, check)
-            state.steps.append(step)
+            step = _Step(record, check, held)
+            round_.steps.append(step)
             if self._checking:
-                state.queue.put_nowait(step)
+                round_.inbox.put_nowait(step)
+            elif held:
+                round_.held_safe.append(step)
 
-    def _stop_round(self, producer: asyncio.Task[None], state: _RoundState) -> None:
+    def _stop_round(self, producer: asyncio.Task[None], round_: _Round) -> None:
         """Cancel generation and pending checks; what the client did not see is withheld."""
         # Cancel without awaiting: this may run inside a cancelled scope (the client left), where
         # an await would be cancelled again and cut the upstream's clean-up short. The producer
         # closes the upstream itself; the splitters are final once it is cancelled.
         producer.cancel()
-        for step in state.steps:
+        for step in round_.steps:
             if step.check is not None:
                 step.check.cancel()
+        unreleased: list[str] = []
         if self._strict:
-            unreleased = [step.record.text for step in state.steps if not step.record.released]
-            unreleased += [splitter.pending for splitter in state.splitters.values()]
+            unreleased += [step.record.text for step in round_.steps if not step.record.released]
+            unreleased += [splitter.pending for splitter in round_.splitters.values()]
         else:
-            unreleased = []
-            while not state.queue.empty():
-                item = state.queue.get_nowait()
+            unreleased += [step.record.text for step in round_.steps
+                           if step.held and not step.record.released]
+            while not round_.inbox.empty():
+                item = round_.inbox.get_nowait()
                 if isinstance(item, _Chunk):
                     unreleased.append(item.delta.text)
-        state.withheld = "".join(unreleased)
-        self.case.withheld += state.withheld
-        if state.flagged is not None:
+        unreleased.append(round_.held_splitter.pending)
+        round_.withheld = "".join(unreleased)
+        self.case.withheld += round_.withheld
+        if isinstance(round_.outcome, Flagged):
             # Later checks must not see text the client never saw as context.
             self._history = [step.text for step in self.case.steps if step.released]
 
-    # -- guard checks --------------------------------------------------------------------
+    # -- guard checks ------------------------------------------------------------------------
 
     async def _check(self, view: GuardView, record: StepRecord) -> Verdict:
-        guard_name = self.guard.name
         async with self._semaphore:
-            started = time.perf_counter()
-            try:
-                verdict = await asyncio.wait_for(
-                    self.guard.check(view), timeout=self.config.guard.timeout_s
-                )
-            except TimeoutError:
-                verdict = self._on_guard_error("timeout", f"guard timed out after "
-                                               f"{self.config.guard.timeout_s:g}s")
-            except GuardError as error:
-                verdict = self._on_guard_error("error", str(error))
-            except Exception as error:
-                logger.exception("guard %s failed", guard_name)
-                verdict = self._on_guard_error("error", f"{type(error).__name__}: {error}")
-            latency = time.perf_counter() - started
-        self.metrics.checks.labels(guard_name, view.channel).inc()
-        self.metrics.guard_latency.labels(guard_name).observe(latency)
+            verdict = await self._checker.check(view)
+        record_verdict(record, verdict)
         timings = self.case.timings
-        timings.guard_total_ms += latency * 1000
-        timings.guard_max_ms = max(timings.guard_max_ms, latency * 1000)
-        record.unsafe = verdict.unsafe
-        record.categories = list(verdict.categories)
-        record.score = verdict.score
-        record.raw = verdict.raw
-        record.error = verdict.error
-        record.latency_ms = latency * 1000
-        if verdict.error is not None:
-            self.metrics.verdicts.labels("error", "guard_error").inc()
-        elif verdict.unsafe:
-            for category in verdict.categories or ("unspecified",):
-                self.metrics.verdicts.labels("unsafe", category).inc()
-        else:
-            self.metrics.verdicts.labels("safe", "").inc()
+        timings.guard_total_ms += verdict.latency_s * 1000
+        timings.guard_max_ms = max(timings.guard_max_ms, verdict.latency_s * 1000)
         return verdict
 
-    def _on_guard_error(self, kind: str, message: str) -> Verdict:
-        decision = self.config.guard.on_error
-        self.metrics.guard_errors.labels(self.guard.name, kind, decision).inc()
-        logger.warning("guard %s %s (%s): %s", self.guard.name, kind, decision, message)
-        return Verdict(unsafe=decision == "block", categories=("guard_error",), error=message)
-
-    async def _verdict_of(self, step: _Step) -> Verdict:
-        assert step.check is not None
-        return await step.check
-
-    @staticmethod
-    def _first_unsafe_done(steps: list[_Step]) -> _Flagged | None:
-        """Fast mode: the first released step whose verdict is back and unsafe (in order)."""
-        while steps and steps[0].check is not None and steps[0].check.done():
-            step = steps.pop(0)
-            verdict = step.check.result() if step.check is not None else None
-            if verdict is not None and verdict.unsafe:
-                return _Flagged(step, verdict)
-        return None
-
-    async def _first_unsafe(self, steps: list[_Step]) -> _Flagged | None:
-        """Fast mode, at the end: wait for every verdict still out."""
+    async def _first_unsafe(self, steps: list[_Step]) -> Flagged | None:
+        """Fast mode: wait for every verdict still out, in order."""
         while steps:
             step = steps.pop(0)
-            if (verdict := await self._verdict_of(step)).unsafe:
-                return _Flagged(step, verdict)
+            if (verdict := await _verdict_of(step)).unsafe:
+                return Flagged(step, verdict)
         return None
 
-    # -- after a flag ----------------------------------------------------------------------
+    # -- after a flag ------------------------------------------------------------------------
 
     async def _plan_correction(
-        self, state: _RoundState, round_number: int
+        self, round_: _Round, outcome: Flagged | Failed
     ) -> tuple[CorrectionPlan, Correction]:
-        correction = Correction(round=round_number, strategy=self.corrector.name,
-                                withheld=state.withheld)
+        number = round_.number + 1
+        correction = Correction(round=number, strategy=self.corrector.name,
+                                withheld=round_.withheld)
         self.case.corrections.append(correction)
-        self.metrics.wait_tokens.inc(estimate_tokens(state.withheld))
-        if state.flagged is None:
-            # Only a failed continuation gets here: end with the refusal.
-            assert state.failure is not None
-            correction.extra["error"] = f"{type(state.failure).__name__}: {state.failure}"
+        self.metrics.wait_tokens.inc(estimate_tokens(round_.withheld))
+        if isinstance(outcome, Failed):
+            # A continuation that failed before it showed anything: end with the refusal.
+            correction.cause = (f"round {round_.number} failed before it showed any text: "
+                                f"{type(outcome.error).__name__}: {outcome.error}")
+            correction.extra["error"] = f"{type(outcome.error).__name__}: {outcome.error}"
             self.metrics.errors.labels("continuation").inc()
-            return await self._apply(RefuseCorrector(self.config.correction), state,
-                                     round_number, correction)
-        record, verdict = state.flagged.step.record, state.flagged.verdict
+            return await self._apply(RefuseCorrector(self.config.correction), round_, None,
+                                     correction)
+        record, verdict = outcome.step.record, outcome.verdict
+        correction.cause = _flag_cause(record, verdict)
         self.case.flagged.append(
             Flag(step=record.index, categories=list(verdict.categories), score=verdict.score)
         )
@@ -491,25 +549,24 @@ class GuardedStream:
             correction.strategy = "error"
             return CorrectionPlan(action="error", finish_reason="content_filter"), correction
         corrector = self.corrector
-        if round_number > self.config.correction.max_rounds:
+        if number > self.config.correction.max_rounds:
             corrector = RefuseCorrector(self.config.correction)
             correction.extra["reason"] = "max_rounds reached"
-        return await self._apply(corrector, state, round_number, correction)
+        return await self._apply(corrector, round_, outcome, correction)
 
     async def _apply(
-        self, corrector: Corrector, state: _RoundState, round_number: int,
+        self, corrector: Corrector, round_: _Round, flagged: Flagged | None,
         correction: Correction,
     ) -> tuple[CorrectionPlan, Correction]:
-        flagged = state.flagged
         context = CorrectionContext(
             request=self.request,
             upstream=self.upstream,
             config=self.config.correction,
             released_reasoning="".join(self._released["reasoning"]),
             released_answer="".join(self._released["answer"]),
-            withheld=state.withheld,
+            withheld=round_.withheld,
             verdict=flagged.verdict if flagged else Verdict(unsafe=True),
-            round=round_number,
+            round=correction.round,
             channel=flagged.step.record.channel if flagged else "reasoning",
             flagged_released=(flagged.step.record.text
                               if flagged and flagged.step.record.released else ""),
@@ -524,13 +581,16 @@ class GuardedStream:
                                               plan.details.get("form", "")).inc()
         return plan, correction
 
-    def _close_correction(self, correction: Correction, state: _RoundState) -> None:
-        """A continuation round ended: keep what it wrote and whether it stayed safe."""
-        correction.continuation = state.text()
-        recovered = state.flagged is None and state.failure is None
+    def _close_correction(self, correction: Correction, round_: _Round,
+                          outcome: RoundOutcome) -> None:
+        """A continuation round ended: keep what it wrote and how it ended."""
+        correction.continuation = round_.text()
+        correction.outcome = ("completed" if isinstance(outcome, Completed)
+                              else "flagged" if isinstance(outcome, Flagged) else "failed")
+        recovered = isinstance(outcome, Completed)
         correction.extra["recovered"] = recovered
-        outcome = "recovered" if recovered else "failed" if state.failure else "unsafe_again"
-        self.metrics.recoveries.labels(outcome).inc()
+        label = {"completed": "recovered", "flagged": "unsafe_again", "failed": "failed"}
+        self.metrics.recoveries.labels(label[correction.outcome]).inc()
         if recovered:
             self._count_corrections()
 
@@ -546,3 +606,35 @@ class GuardedStream:
         chunk by chunk: a long trace would cost quadratic copying (1.3 s at 64k chunks)."""
         self.case.client_reasoning = "".join(self._released["reasoning"])
         self.case.client_content = "".join(self._released["answer"])
+
+
+def _flag_cause(record: StepRecord, verdict: Verdict) -> str:
+    if verdict.error is not None:
+        return f"step {record.index} could not be judged ({verdict.error}); on_error is block"
+    categories = ", ".join(verdict.categories) or "unsafe"
+    score = f" {verdict.score:.2f}" if verdict.score is not None else ""
+    return (f"step {record.index} ({record.channel}, round {record.round}) judged unsafe: "
+            f"{categories}{score}")
+
+
+def _judged_safe(step: _Step) -> bool:
+    check = step.check
+    if check is None:
+        return True
+    return (check.done() and not check.cancelled() and check.exception() is None
+            and not check.result().unsafe)
+
+
+async def _verdict_of(step: _Step) -> Verdict:
+    assert step.check is not None
+    return await step.check
+
+
+def _first_unsafe_done(steps: list[_Step]) -> Flagged | None:
+    """Fast mode: the first released step whose verdict is back and unsafe (in order)."""
+    while steps and steps[0].check is not None and steps[0].check.done():
+        step = steps.pop(0)
+        verdict = step.check.result() if step.check is not None else None
+        if verdict is not None and verdict.unsafe:
+            return Flagged(step, verdict)
+    return None

@@ -7,23 +7,20 @@ client that leaves).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from guardrail.cases.model import Case
-from guardrail.errors import GuardrailError
 from guardrail.events import Finish, ResponseMeta, TextDelta, Usage
 from guardrail.monitor import GuardedStream, OutputEvent
 from guardrail.upstreams.base import ChatRequest
+from server.case_lifecycle import CaseLifecycle
 from server.errors import ClientError, guardrail_error_response
 from server.protocol import (
     ChatCompletionRequest,
@@ -97,41 +94,37 @@ async def chat_completions(request: Request) -> Response:
         request=ChatRequest(body=body), upstream=services.upstream, guard=services.guard,
         corrector=services.corrector, config=config, metrics=services.metrics, case=case,
     )
-    events = monitor.events()
+    lifecycle = CaseLifecycle(services, case, monitor)
     writer = ChunkWriter(f"chatcmpl-{case.id.removeprefix('case_')}", model,
                          config.server.reasoning_field)
-    begun: asyncio.Task[None] | None = None
     if parsed.stream:
         # A stream sends the case id in its headers but stores the case when it ends: store it
         # before the headers go, so a crash mid-stream cannot leave the client an id of nothing.
         # Started now, so the write overlaps the wait for the model rather than adding to it.
-        # (The other answers below are sent only after _finish has stored the case.)
-        begun = asyncio.create_task(services.recorder.begin(case))
+        # (The other answers below are sent only after the case is finished and stored.)
+        lifecycle.begin()
     try:
         # Wait for the upstream's first event, so an upstream that cannot be reached is an HTTP
         # error (502) rather than a stream that starts and then fails.
-        first = await anext(events)
-        if begun is not None:
-            await asyncio.shield(begun)
-    except GuardrailError as error:
-        await _finish(services, case, events, error=error, begun=begun)
-        return guardrail_error_response(error, headers=headers)
+        first = await anext(lifecycle.events)
+        await lifecycle.begun()
+    except Exception as error:
+        failure = lifecycle.fail(error)
+        await lifecycle.finish()
+        return guardrail_error_response(failure, headers=headers)
     except BaseException:
-        await _finish(services, case, events, begun=begun)
+        await lifecycle.finish()
         raise
     if parsed.stream:
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-        stream = _sse_stream(services, case, events, first, writer, include_usage,
-                             monitor.output_ready)
+        stream = _sse_stream(lifecycle, first, writer, include_usage, monitor.output_ready)
         return DisconnectAwareStreamingResponse(stream, media_type="text/event-stream",
                                                 headers={**headers, "cache-control": "no-cache"})
-    return await _complete(services, case, events, first, writer, headers)
+    return await _complete(lifecycle, first, writer, headers)
 
 
 async def _sse_stream(
-    services: Services,
-    case: Case,
-    events: AsyncIterator[OutputEvent],
+    lifecycle: CaseLifecycle,
     first: OutputEvent,
     writer: ChunkWriter,
     include_usage: bool,
@@ -140,14 +133,14 @@ async def _sse_stream(
     """The SSE body. Events that are ready together (a burst from the model, a step released
     at once) go out in one write: the same bytes, fewer writes. ``more_ready`` says whether the
     next event can be had without waiting; only then is anything held back."""
-    error: GuardrailError | None = None
+    case = lifecycle.case
     usage: dict[str, Any] | None = None
     held = bytearray()
     try:
         if isinstance(first, ResponseMeta):
             _adopt_meta(writer, first)
         held += sse_event(writer.chunk({"role": "assistant", "content": ""}))
-        async for event in _prepend(first, events):  # closed by _finish (events.aclose)
+        async for event in _prepend(first, lifecycle.events):  # closed by lifecycle.finish
             if isinstance(event, TextDelta):
                 chunk = writer.text(event.channel, event.text)
                 if chunk is not None:
@@ -164,19 +157,16 @@ async def _sse_stream(
                 yield bytes(held)
                 held.clear()
         yield bytes(held) + SSE_DONE
-    except GuardrailError as failure:
-        error = failure
-        _mark_error(case, failure)
+    except Exception as error:
+        failure = lifecycle.fail(error)
         body = error_body(str(failure), failure.error_type, code=failure.code)
         yield bytes(held) + sse_event({**body, "guardrail": guardrail_summary(case)}) + SSE_DONE
     finally:
-        await _finish(services, case, events, error=error)
+        await lifecycle.finish()
 
 
 async def _complete(
-    services: Services,
-    case: Case,
-    events: AsyncIterator[OutputEvent],
+    lifecycle: CaseLifecycle,
     first: OutputEvent,
     writer: ChunkWriter,
     headers: dict[str, str],
@@ -186,7 +176,7 @@ async def _complete(
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
     try:
-        async for event in _prepend(first, events):
+        async for event in _prepend(first, lifecycle.events):
             if isinstance(event, TextDelta):
                 (reasoning if event.channel == "reasoning" else content).append(event.text)
             elif isinstance(event, ResponseMeta):
@@ -195,14 +185,13 @@ async def _complete(
                 usage = event.data
             elif isinstance(event, Finish):
                 finish_reason = event.reason
-    except GuardrailError as error:
-        _mark_error(case, error)
-        await _finish(services, case, events, error=error)
-        response = guardrail_error_response(error, headers=headers)
-        return response
-    await _finish(services, case, events)
+    except Exception as error:
+        failure = lifecycle.fail(error)
+        await lifecycle.finish()
+        return guardrail_error_response(failure, headers=headers)
+    await lifecycle.finish()
     body = completion_body(writer, reasoning="".join(reasoning), content="".join(content),
-                           finish_reason=finish_reason, usage=usage, case=case)
+                           finish_reason=finish_reason, usage=usage, case=lifecycle.case)
     return JSONResponse(body, headers=headers)
 
 
@@ -223,41 +212,3 @@ def _adopt_meta(writer: ChunkWriter, meta: ResponseMeta) -> None:
     if meta.created:
         writer.created = meta.created
     writer.system_fingerprint = meta.system_fingerprint
-
-
-def _mark_error(case: Case, error: BaseException) -> None:
-    case.action = "error"
-    case.error = f"{type(error).__name__}: {error}"
-
-
-async def _finish(
-    services: Services,
-    case: Case,
-    events: AsyncIterator[OutputEvent],
-    error: BaseException | None = None,
-    begun: asyncio.Task[None] | None = None,
-) -> None:
-    """Stop the guarded stream, count the outcome and store the case: shielded, so a client
-    that leaves cannot cut it short. ``begun`` is the in-progress write, if one was started:
-    it must land before the final one, which it would otherwise overwrite."""
-    with anyio.CancelScope(shield=True):
-        if begun is not None:
-            await asyncio.gather(begun, return_exceptions=True)
-        finished_normally = case.finish_reason is not None or error is not None
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        if error is not None and case.error is None:
-            _mark_error(case, error)
-        if not finished_normally and case.error is None:
-            case.error = "client disconnected before the response ended"
-            services.metrics.errors.labels("client_disconnect").inc()
-        if error is not None:
-            services.metrics.errors.labels("upstream").inc()
-        if case.timings.total_ms is None:
-            case.timings.total_ms = (time.time() - case.created_at) * 1000
-        metrics = services.metrics
-        metrics.actions.labels(case.action).inc()
-        status = "error" if case.action == "error" else "ok"
-        metrics.requests.labels(str(case.stream).lower(), status).inc()
-        await services.recorder.record(case)

@@ -10,12 +10,19 @@ import openai
 import pytest
 
 from guardrail.config import config_from_mapping
-from guardrail.upstreams.demo import load_demo_data
+from guardrail.triggers import DEFAULT_TRIGGERS
+from guardrail.upstreams.demo import fallback_reply, load_demo_data
 from server.app import create_app
 from tests.fakes.loopback import serve_app
 
 TRACES = load_demo_data().traces
-KNOWN_FALSE_POSITIVES = {"unsafe-pipe-bomb"}
+# Prompts of one's own, as a new user tries them: the demo has no trace of any of them.
+OWN_PROMPTS = [
+    "How do I make a sourdough starter?",
+    "What's a good way to learn Spanish in six months?",
+    "Explain recursion to a ten-year-old.",
+    "hi",
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +69,27 @@ def test_unsafe_demo_prompts_are_corrected_midway(default_proxy: str, trace: obj
     assert cue not in reasoning  # cut at the commitment, or before it
     assert trace.answer not in content  # type: ignore[attr-defined]
     assert reasoning.endswith(safe.reasoning)
-    if trace.id in KNOWN_FALSE_POSITIVES:  # type: ignore[attr-defined]
-        # The embedded guard flags the model's own refusal of this request, so every round is
-        # cut again and the answer ends as the refusal (a known weakness: see the datasheet).
-        assert summary["action"] == "refused", summary
-        assert content.endswith("I can't help with that. If you have a related question that "
-                                "doesn't involve causing harm, I'm happy to help.")
-        return
-    # The default correction: cut, safety trigger, and the demo model goes on safely.
+    # The default correction: cut, one safety trigger in the reasoning, and the demo model
+    # goes on safely to one clean answer.
     assert summary["action"] == "intervened", summary
     assert content == safe.answer
+    shown = [trigger for trigger in DEFAULT_TRIGGERS if trigger in reasoning + content]
+    assert len(shown) == 1 and reasoning.count(shown[0]) == 1 and shown[0] not in content
     case = httpx.get(f"{default_proxy}/admin/cases/{summary['case_id']}").json()
+    assert len(case["corrections"]) == 1, case["corrections"]
     first = case["corrections"][0]
     assert first["strategy"] == "intervene" and first["extra"]["form"] == "vllm"
     assert cue in first["withheld"]
-    assert first["inserted"].strip() in reasoning
-    assert any(step["unsafe"] for step in case["steps"] if step["round"] == 0)
+    assert first["inserted"].strip() == shown[0]
+    # Why the round happened, and how it ended.
+    flagged = next(step for step in case["steps"] if step["round"] == 0 and step["unsafe"])
+    assert first["cause"].startswith(f"step {flagged['index']} (")
+    assert first["outcome"] == "completed"
+
+
+@pytest.mark.parametrize("prompt", OWN_PROMPTS)
+def test_prompts_the_demo_does_not_know_pass_untouched(default_proxy: str, prompt: str) -> None:
+    reasoning, content, summary = stream_prompt(default_proxy, prompt)
+    assert summary["action"] == "pass", summary
+    assert not summary["flagged"]
+    assert (reasoning, content) == fallback_reply()

@@ -7,8 +7,14 @@ import random
 
 import pytest
 
-from guardrail.events import TextDelta
-from guardrail.reasoning import InlineThinkParser, ThinkStart, split_inline_think
+from guardrail.events import HeldResolved, HeldText, TextDelta
+from guardrail.reasoning import (
+    InlineThinkParser,
+    ParsedText,
+    ThinkStart,
+    resolve_held,
+    split_inline_think,
+)
 
 MODES: tuple[ThinkStart, ...] = ("auto", "reasoning", "answer")
 
@@ -47,15 +53,20 @@ CASES = [
 
 
 def run(parser: InlineThinkParser, chunks: list[str]) -> list[TextDelta]:
-    out: list[TextDelta] = []
+    out: list[ParsedText] = []
     for chunk in chunks:
         out.extend(parser.feed(chunk))
     out.extend(parser.finish())
-    return out
+    assert all(part.text for part in out if not isinstance(part, HeldResolved)), \
+        "no empty deltas"
+    resolutions = [part for part in out if isinstance(part, HeldResolved)]
+    assert len(resolutions) <= 1, "held text is resolved once"
+    if any(isinstance(part, HeldText) for part in out):
+        assert resolutions, "held text is always resolved by the end"
+    return resolve_held(out)
 
 
 def joined(deltas: list[TextDelta]) -> tuple[str, str]:
-    assert all(delta.text for delta in deltas), "no empty deltas"
     return (
         "".join(d.text for d in deltas if d.channel == "reasoning"),
         "".join(d.text for d in deltas if d.channel == "answer"),
@@ -101,25 +112,32 @@ def test_random_chunkings(text: str, mode: ThinkStart, expected: tuple[str, str]
         assert joined(run(InlineThinkParser(mode), chunks)) == expected
 
 
-def test_auto_holds_untagged_text_until_the_closing_tag() -> None:
+def test_auto_streams_untagged_text_as_held_until_the_closing_tag() -> None:
     parser = InlineThinkParser("auto")
-    assert parser.feed("Okay, so the user") == []
-    assert parser.feed(" wants a sum.") == []
+    assert parser.feed("Okay, so the user") == [HeldText("Okay, so the user")]
+    # Only a possible closing tag is kept back.
+    assert parser.feed(" wants a sum.</th") == [HeldText(" wants a sum.")]
     assert parser.state == "held"
-    out = parser.feed("\n</think>\n\nIt is 4.")
-    assert out == [
-        TextDelta("reasoning", "Okay, so the user wants a sum.\n"),
-        TextDelta("answer", "\n\nIt is 4."),
-    ]
+    out = parser.feed("ink>\n\nIt is 4.")
+    assert out == [HeldResolved("reasoning"), TextDelta("answer", "\n\nIt is 4.")]
     assert parser.feed(" More.") == [TextDelta("answer", " More.")]
     assert parser.finish() == []
 
 
-def test_auto_releases_held_text_as_answer_at_the_end() -> None:
+def test_auto_resolves_held_text_as_answer_at_the_end() -> None:
     parser = InlineThinkParser("auto")
-    assert parser.feed("Paris is the capital.") == []
-    assert parser.finish() == [TextDelta("answer", "Paris is the capital.")]
+    assert parser.feed("Paris is the capital.") == [HeldText("Paris is the capital.")]
+    assert parser.finish() == [HeldResolved("answer")]
     assert parser.finish() == []
+
+
+def test_holding_costs_the_same_per_chunk_however_much_is_held() -> None:
+    """Held text streams on: the parser keeps at most a partial tag, never the text so far."""
+    parser = InlineThinkParser("auto")
+    parser.feed("x")
+    for _ in range(20_000):
+        parser.feed("word word. ")
+        assert len(parser._buffer) < len("</think>")
 
 
 def test_tagged_reasoning_streams_holding_back_only_a_possible_tag() -> None:
@@ -159,8 +177,8 @@ def test_reasoning_field_makes_content_the_answer() -> None:
 
 def test_reasoning_field_releases_held_content_as_answer() -> None:
     parser = InlineThinkParser("auto")
-    assert parser.feed("Held text") == []
-    assert parser.saw_reasoning_field() == [TextDelta("answer", "Held text")]
+    assert parser.feed("Held text") == [HeldText("Held text")]
+    assert parser.saw_reasoning_field() == [HeldResolved("answer")]
     assert parser.feed(" more") == [TextDelta("answer", " more")]
 
 

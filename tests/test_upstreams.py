@@ -24,7 +24,16 @@ from guardrail.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from guardrail.events import Finish, ResponseMeta, TextDelta, UpstreamEvent, Usage
+from guardrail.events import (
+    Finish,
+    HeldResolved,
+    HeldText,
+    ResponseMeta,
+    TextDelta,
+    UpstreamEvent,
+    Usage,
+)
+from guardrail.reasoning import resolve_held
 from guardrail.upstreams import build_upstream
 from guardrail.upstreams.base import ChatRequest
 from guardrail.upstreams.demo import (
@@ -78,8 +87,10 @@ async def collect(stream: AsyncIterator[UpstreamEvent]) -> list[UpstreamEvent]:
 
 
 def texts(events: list[UpstreamEvent]) -> tuple[str, str]:
-    deltas = [event for event in events if isinstance(event, TextDelta)]
-    assert all(delta.text for delta in deltas)
+    """(reasoning, answer), held text counted where it was resolved to."""
+    parts = [event for event in events if isinstance(event, TextDelta | HeldText | HeldResolved)]
+    assert all(part.text for part in parts if not isinstance(part, HeldResolved))
+    deltas = resolve_held(parts)
     return (
         "".join(d.text for d in deltas if d.channel == "reasoning"),
         "".join(d.text for d in deltas if d.channel == "answer"),

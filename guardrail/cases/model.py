@@ -43,14 +43,21 @@ class Flag(BaseModel):
     score: float | None = None
 
 
+RoundOutcome = Literal["completed", "flagged", "failed"]
+
+
 class Correction(BaseModel):
-    """One correction round: what was cut, what replaced it."""
+    """One correction round: why it happened, what was cut, what replaced it, how it ended."""
 
     round: int
     strategy: str
+    cause: str = ""
+    """Why this round happened: the flagged step and its verdict, or the failure before it."""
     withheld: str = ""
     inserted: str = ""
     continuation: str = ""
+    outcome: RoundOutcome | None = None
+    """How the continuation this correction started ended (None: it started none)."""
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

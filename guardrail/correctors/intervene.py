@@ -2,8 +2,8 @@
 
 The flagged step and everything after it are dropped; a safety trigger takes their place; the
 same model is asked to go on from there (see guardrail.continuation for the forms). The client
-sees one stream: the safe reasoning it already had, the trigger, then the continuation, which
-the monitor guards like the first attempt.
+sees one stream: the safe reasoning it already had, the trigger (always in the reasoning), then
+the continuation, which the monitor guards like the first attempt.
 """
 
 from __future__ import annotations
@@ -75,21 +75,25 @@ class InterveneCorrector:
             return plan
         trigger = choose_trigger(categories, context.round, self.config.triggers,
                                  self.config.category_triggers)
-        in_answer = context.channel == "answer"
         reasoning, answer = context.released_reasoning, context.released_answer
         # Fast mode showed the flagged step; the model's context still drops it (IPO's cut).
         if context.flagged_released:
-            if in_answer:
+            if context.channel == "answer":
                 answer = answer.removesuffix(context.flagged_released)
             else:
                 reasoning = reasoning.removesuffix(context.flagged_released)
-        shown = answer if in_answer else reasoning
-        inserted = _joined(context.released_answer if in_answer else context.released_reasoning,
-                           trigger)
-        if in_answer:
-            prefix = AssistantPrefix(reasoning, answer + _joined(shown, trigger), True)
+        # A trigger is reasoning, never answer text. A flag in the answer before any of it
+        # reached the client goes back to the end of the reasoning (the last safe point): the
+        # model reflects there and answers afresh. Once the client has part of the answer its
+        # reasoning is over: the trigger goes into the model's reasoning unseen, and the answer
+        # goes on from its last released step, so the client reads one answer, not a patchwork.
+        continue_answer = context.channel == "answer" and bool(answer.strip())
+        if continue_answer:
+            prefix = AssistantPrefix(reasoning + _joined(reasoning, trigger), answer, True)
+            inserted: list[TextDelta] = []
         else:
-            prefix = AssistantPrefix(reasoning + _joined(shown, trigger))
+            prefix = AssistantPrefix(reasoning + _joined(reasoning, trigger))
+            inserted = [TextDelta("reasoning", _joined(context.released_reasoning, trigger))]
         upstream: Any = context.upstream
         continuation = upstream.continue_stream(
             context.request, prefix, form, categories=tuple(categories), template=template,
@@ -97,9 +101,11 @@ class InterveneCorrector:
         )
         return CorrectionPlan(
             action="intervened",
-            inserted=[TextDelta("answer" if in_answer else "reasoning", inserted)],
+            inserted=inserted,
             continuation=continuation,
-            details={"form": form, "trigger": trigger},
+            details={"form": form, "trigger": trigger,
+                     "continues": "answer" if continue_answer else "reasoning",
+                     "trigger_shown": "false" if continue_answer else "true"},
         )
 
     def _template_for(self, context: CorrectionContext) -> ChatTemplate | None:

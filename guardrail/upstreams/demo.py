@@ -5,7 +5,7 @@ A handful of prompts (``DEMO_PROMPTS``) have traces: three safe (maths, code, hi
 unsafe ones that start reasonably and then turn to complying, with every harmful specific elided.
 Prompts match by normalised text (case, whitespace and punctuation ignored; a message that
 contains a known prompt also matches). Any other prompt gets a short trace that says what this
-is and lists the prompts to try.
+is and lists the safe prompts to try.
 
 Continuations: when the last message is the assistant's (how a corrective intervention asks
 the model to go on from a cut trace, e.g. with vLLM's ``continue_final_message``), the demo goes
@@ -144,8 +144,10 @@ def split_pieces(text: str) -> list[str]:
 
 
 def fallback_reply() -> tuple[str, str]:
+    """What the demo writes for a prompt it has no trace of. It names only the safe prompts:
+    quoting the unsafe ones in an answer is what a guard should flag."""
     data = load_demo_data()
-    prompts = "\n".join(f"- {prompt} ({label})" for prompt, label in DEMO_PROMPTS)
+    prompts = "\n".join(f"- {prompt}" for prompt, label in DEMO_PROMPTS if label == "safe")
     return data.fallback_reasoning, data.fallback_answer_template.replace("{prompts}", prompts)
 
 
@@ -158,17 +160,25 @@ def continuation(trace: DemoTrace | None, partial: str) -> tuple[str, str]:
         reasoning_part = stripped.removeprefix(OPEN_TAG).lstrip()
     if trace is None:
         reasoning, answer = fallback_reply()
-        return ("", answer) if closed else (_joined(reasoning_part, reasoning), answer)
+        if closed:
+            return "", _rest(answer, answer_part, answer)
+        return _joined(reasoning_part, reasoning), answer
     safe = trace.safe_continuation
     if closed:
-        if trace.answer.startswith(answer_part):
-            return "", trace.answer[len(answer_part):]
-        return "", safe.answer if safe else trace.answer
+        # Like a model continuing its answer: where the partial answer is the start of one it
+        # knows, the rest of that one; otherwise the safe answer.
+        safe_answer = safe.answer if safe else trace.answer
+        return "", _rest(trace.answer, answer_part, _rest(safe_answer, answer_part, safe_answer))
     if reasoning_part and trace.reasoning.startswith(reasoning_part):
         return trace.reasoning[len(reasoning_part):], trace.answer
     if safe:
         return _joined(reasoning_part, safe.reasoning), safe.answer
     return "", trace.answer
+
+
+def _rest(text: str, start: str, otherwise: str) -> str:
+    """What follows ``start`` in ``text``, or ``otherwise`` when ``text`` does not begin so."""
+    return text[len(start):] if text.startswith(start) else otherwise
 
 
 def _joined(before: str, text: str) -> str:
