@@ -4,7 +4,7 @@ yields ``OutputEvent``s that the server encodes for the client."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 Channel = Literal["reasoning", "answer"]
 
@@ -61,3 +61,11 @@ class ResponseMeta:
 
 
 UpstreamEvent = TextDelta | HeldText | HeldResolved | Finish | Usage | ResponseMeta
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """A stream that can be closed early (an async generator, an HTTP response): closing an
+    upstream's stream is what cancels its request."""
+
+    async def aclose(self) -> None: ...

@@ -42,6 +42,7 @@ from guardrail.correctors.simple import RefuseCorrector
 from guardrail.errors import GuardrailError, UpstreamError, UpstreamStreamBroken, internal_error
 from guardrail.events import (
     Channel,
+    Closable,
     Finish,
     HeldResolved,
     HeldText,
@@ -439,12 +440,11 @@ class GuardedStream:
             round_.inbox.put_nowait(_Failure(UpstreamStreamBroken(
                 f"upstream failed: {type(error).__name__}: {error}")))
         finally:
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
+            if isinstance(source, Closable):
                 # Closing the upstream generator closes its HTTP request: generation stops.
                 # Shielded, so that a second cancellation cannot leave the request open.
                 with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.shield(aclose())
+                    await asyncio.shield(source.aclose())
 
     def _note_first_token(self) -> None:
         if self._first_token_at is None:

@@ -18,6 +18,8 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from guardrail.events import Closable
+
 
 def sse_event(data: dict[str, Any]) -> bytes:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
@@ -44,6 +46,5 @@ class DisconnectAwareStreamingResponse(StreamingResponse):
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                aclose = getattr(self.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                if isinstance(self.body_iterator, Closable):
+                    await self.body_iterator.aclose()

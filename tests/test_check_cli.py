@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from guardrail.config import Config
-from server.check_command import Item, Summary, build_views, parse_line
+from offline.check import Item, Summary, build_views, parse_line
 from tests.fakes.llama_guard_server import FakeLlamaGuard
 from tests.fakes.loopback import serve_app
 

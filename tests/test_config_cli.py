@@ -17,7 +17,7 @@ import pytest
 from guardrail.config import Config, config_from_mapping, expand_env, load_config
 from guardrail.errors import ConfigError, UnknownBackendError
 from server.app import create_app
-from server.cli import _describe_start
+from server.serve_command import _describe_start
 from tests.fakes.loopback import free_port, serve_app
 from tests.fakes.openai_server import FakeReply, create_fake_openai_app
 

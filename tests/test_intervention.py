@@ -201,6 +201,8 @@ def test_a_failed_continuation_ends_in_a_refusal_not_an_error(tmp_path: Path) ->
 
 
 def test_intervention_in_the_answer_continues_the_answer(tmp_path: Path) -> None:
+    """Part of the answer was shown: the trigger goes into the model's reasoning unseen, and the
+    answer goes on from its last released step: one answer, no trigger in it, nothing twice."""
     partials: list[str] = []
 
     def responder(body: dict[str, Any]) -> FakeReply:
@@ -216,13 +218,48 @@ def test_intervention_in_the_answer_continues_the_answer(tmp_path: Path) -> None
     with running_proxy(tmp_path, upstream_app=app,
                        overrides={"correction": {"strategy": "intervene"}},
                        fake_guard=FakeLlamaGuard(rules={"pipe bomb": "S9"})) as proxy:
-        _, reasoning, content, summary = stream(proxy)
-        assert summary["action"] == "intervened"
-        assert reasoning == "Plain thinking here. "
-        assert content.startswith("Intro sentence for you. ")
-        assert content.endswith("I'll stop there.")
-        assert "recipe" not in content
-        assert partials[0].startswith("<think>\nPlain thinking here. \n</think>\n\nIntro sentence")
+        raw, reasoning, content, summary = stream(proxy)
+        case = proxy.case(summary["case_id"])
+    assert summary["action"] == "intervened"
+    assert reasoning == "Plain thinking here. "
+    assert content == "Intro sentence for you. I'll stop there."
+    trigger = case["corrections"][0]["extra"]["trigger"]
+    assert trigger not in content and case["corrections"][0]["inserted"] == ""
+    assert case["corrections"][0]["extra"]["continues"] == "answer"
+    assert partials == [f"<think>\nPlain thinking here. {trigger} \n</think>\n\n"
+                        "Intro sentence for you. "]
+
+
+def test_a_flag_in_the_answer_before_any_was_shown_goes_back_to_the_reasoning(
+        tmp_path: Path) -> None:
+    """Nothing of the answer reached the client: the trigger is shown as reasoning, and the
+    model reflects there and answers afresh."""
+    partials: list[str] = []
+
+    def responder(body: dict[str, Any]) -> FakeReply:
+        last = body["messages"][-1]
+        if last["role"] == "assistant":
+            partials.append(last["content"])
+            return FakeReply(reasoning="I should decline the harmful part.",
+                             answer="I won't help with that.")
+        return FakeReply(reasoning="Plain thinking here. ",
+                         answer="The pipe bomb recipe follows right now.")
+
+    app = create_fake_openai_app(responder=responder)
+    with running_proxy(tmp_path, upstream_app=app,
+                       overrides={"correction": {"strategy": "intervene"}},
+                       fake_guard=FakeLlamaGuard(rules={"pipe bomb": "S9"})) as proxy:
+        raw, reasoning, content, summary = stream(proxy)
+        case = proxy.case(summary["case_id"])
+    correction = case["corrections"][0]
+    trigger = correction["extra"]["trigger"]
+    assert summary["action"] == "intervened"
+    assert reasoning == f"Plain thinking here. {trigger} I should decline the harmful part."
+    assert content == "I won't help with that."
+    assert correction["extra"]["continues"] == "reasoning"
+    assert partials == [f"<think>\nPlain thinking here. {trigger} "]
+    assert correction["cause"].startswith("step 1 (answer, round 0) judged unsafe: S9")
+    assert correction["outcome"] == "completed"
 
 
 def test_client_leaving_during_an_intervention_cancels_it(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ the continuation, which the monitor guards like the first attempt.
 
 from __future__ import annotations
 
-from typing import Any
-
 from guardrail.config import CorrectionConfig
 from guardrail.continuation import (
     AssistantPrefix,
@@ -22,20 +20,23 @@ from guardrail.correctors.base import CorrectionContext, CorrectionPlan, Correct
 from guardrail.correctors.simple import RefuseCorrector
 from guardrail.events import TextDelta
 from guardrail.triggers import choose_trigger
+from guardrail.upstreams.base import ContinuesTurns, Upstream
 
 
-def resolve_form(config: CorrectionConfig, upstream: Any) -> ContinuationForm | None:
+def resolve_form(config: CorrectionConfig, upstream: Upstream) -> ContinuationForm | None:
     """The continuation form to use with this upstream, or None when it supports none."""
-    supported: tuple[str, ...] = getattr(upstream, "continuation_forms", ())
+    if not isinstance(upstream, ContinuesTurns):
+        return None
+    supported = upstream.continuation_forms
     wanted = config.continuation
     if wanted == "none":
         return None
     if wanted != "auto":
         return wanted if wanted in supported else None
-    url = str(getattr(getattr(upstream, "config", None), "url", "") or "")
+    url = upstream.config.url or ""
     for form in (("deepseek-prefix",) if "deepseek.com" in url else ()) + ("vllm", "restart"):
         if form in supported:
-            return form  # type: ignore[return-value]
+            return form
     return None
 
 
@@ -94,7 +95,8 @@ class InterveneCorrector:
         else:
             prefix = AssistantPrefix(reasoning + _joined(reasoning, trigger))
             inserted = [TextDelta("reasoning", _joined(context.released_reasoning, trigger))]
-        upstream: Any = context.upstream
+        upstream = context.upstream
+        assert isinstance(upstream, ContinuesTurns), "resolve_form found a form"
         continuation = upstream.continue_stream(
             context.request, prefix, form, categories=tuple(categories), template=template,
             url=self.config.continuation_url,
@@ -111,8 +113,7 @@ class InterveneCorrector:
     def _template_for(self, context: CorrectionContext) -> ChatTemplate | None:
         if self._template is not None:
             return self._template
-        name = guess_template(getattr(getattr(context.upstream, "config", None), "model", None)
-                              or context.request.model)
+        name = guess_template(context.upstream.config.model or context.request.model)
         return load_template(name) if name else None
 
     async def aclose(self) -> None:

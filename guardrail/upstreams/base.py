@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+from guardrail.config import UpstreamConfig
+from guardrail.continuation import AssistantPrefix, ChatTemplate, ContinuationForm
 from guardrail.events import UpstreamEvent
 
 
@@ -40,9 +42,24 @@ class Upstream(Protocol):
     """
 
     name: str
+    config: UpstreamConfig
 
     def stream(self, request: ChatRequest) -> AsyncIterator[UpstreamEvent]: ...
 
     async def list_models(self) -> list[dict[str, Any]]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ContinuesTurns(Protocol):
+    """An upstream that can continue a partial assistant turn, which ``intervene`` needs: the
+    forms it accepts (see :mod:`guardrail.continuation`) and the continued stream."""
+
+    continuation_forms: tuple[ContinuationForm, ...]
+
+    def continue_stream(
+        self, request: ChatRequest, prefix: AssistantPrefix, form: ContinuationForm, *,
+        categories: tuple[str, ...] = (), template: ChatTemplate | None = None,
+        url: str | None = None,
+    ) -> AsyncIterator[UpstreamEvent]: ...

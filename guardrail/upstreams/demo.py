@@ -33,6 +33,7 @@ from typing import Any, Literal
 from guardrail.config import UpstreamConfig
 from guardrail.continuation import (
     AssistantPrefix,
+    ChatTemplate,
     ContinuationForm,
     ContinuationUnsupported,
     vllm_continuation_body,
@@ -241,10 +242,12 @@ class DemoUpstream:
     continuation_forms: tuple[ContinuationForm, ...] = ("vllm",)
 
     def continue_stream(
-        self, request: ChatRequest, prefix: AssistantPrefix, form: ContinuationForm,
-        **_: object,
+        self, request: ChatRequest, prefix: AssistantPrefix, form: ContinuationForm, *,
+        categories: tuple[str, ...] = (), template: ChatTemplate | None = None,
+        url: str | None = None,
     ) -> AsyncIterator[UpstreamEvent]:
         """Continue a partial assistant turn the way vLLM's continue_final_message does."""
+        del categories, template, url  # the demo replays; nothing to render or redirect
         if form != "vllm":
             raise ContinuationUnsupported(f"the demo upstream cannot continue in form {form!r}")
         body = vllm_continuation_body(request.body, prefix)

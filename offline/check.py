@@ -11,7 +11,8 @@ to stdout, in input order:
 
     {"line": 3, "unsafe": true, "score": 0.97, "categories": ["S9"]}
 
-``score`` is the guard's own (1.0 / 0.0 from the verdict for guards that give none). A line the
+``score`` is the guard's own (1.0 / 0.0 from the verdict for guards that give none). Every view
+is judged by the proxy's own step checker (refusal rule, timeout, ``guard.on_error``). A line the
 guard could not judge gets ``error`` and what ``guard.on_error`` decides, as in the proxy; a
 line that is not valid input is reported on stderr with its number and skipped. With labels
 (``"label": true`` / ``"unsafe"`` / ``1`` for harmful), the summary on stderr (and in
@@ -34,9 +35,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from guardrail.config import Config, load_config
-from guardrail.errors import ConfigError, GuardError, UnknownBackendError
+from guardrail.errors import ConfigError, UnknownBackendError
 from guardrail.events import Channel
 from guardrail.guards.base import Guard, GuardView, Verdict
+from guardrail.step_checker import StepChecker
 from guardrail.steps import StepSplitter
 from guardrail.views import build_view, request_text
 
@@ -197,41 +199,15 @@ def build_views(item: Item, config: Config, channel: Channel, steps: bool) -> li
     return views
 
 
-async def _check_one(guard: Guard, view: GuardView, timeout_s: float) -> Verdict | str:
-    try:
-        verdict = await asyncio.wait_for(guard.check(view), timeout=timeout_s)
-    except TimeoutError:
-        return f"guard timed out after {timeout_s:g}s"
-    except GuardError as error:
-        return str(error)
-    except Exception as error:  # a backend bug must not end the run
-        return f"{type(error).__name__}: {error}"
-    return verdict.error if verdict.error is not None else verdict
-
-
-async def judge_views(guard: Guard, views: Sequence[GuardView], timeout_s: float
-                      ) -> list[Verdict | str]:
-    """Verdicts (or error messages) in order: one ``check_many`` call; if it fails, each view
-    on its own, so that one bad view does not cost the others their verdicts."""
-    try:
-        verdicts = await guard.check_many(views)
-    except Exception:
-        verdicts = []
-    if len(verdicts) != len(views):
-        return list(await asyncio.gather(*(_check_one(guard, view, timeout_s)
-                                           for view in views)))
-    return [verdict.error if verdict.error is not None else verdict for verdict in verdicts]
-
-
 def _score(verdict: Verdict) -> float:
     return verdict.score if verdict.score is not None else (1.0 if verdict.unsafe else 0.0)
 
 
-def result_of(item: Item, outcomes: Sequence[Verdict | str], config: Config, steps: bool
+def result_of(item: Item, outcomes: Sequence[Verdict], config: Config, steps: bool
               ) -> tuple[dict[str, Any], bool, bool]:
     """The output line for an item, and (unsafe, failed)."""
-    judged = [outcome for outcome in outcomes if isinstance(outcome, Verdict)]
-    failures = [outcome for outcome in outcomes if isinstance(outcome, str)]
+    judged = [outcome for outcome in outcomes if outcome.error is None]
+    failures = [outcome.error for outcome in outcomes if outcome.error is not None]
     blocked = bool(failures) and config.guard.on_error == "block"
     unsafe = any(verdict.unsafe for verdict in judged) or blocked
     scores = [_score(verdict) for verdict in judged]
@@ -253,8 +229,7 @@ def result_of(item: Item, outcomes: Sequence[Verdict | str], config: Config, ste
         step_outcomes = outcomes[1:] if len(outcomes) > 1 else outcomes
         result["steps"] = len(step_outcomes)
         result["flagged_steps"] = [
-            index for index, outcome in enumerate(step_outcomes)
-            if not isinstance(outcome, Verdict) or outcome.unsafe
+            index for index, outcome in enumerate(step_outcomes) if outcome.unsafe
         ]
     if failures:
         result["error"] = failures[0]
@@ -262,7 +237,7 @@ def result_of(item: Item, outcomes: Sequence[Verdict | str], config: Config, ste
 
 
 async def judge_stream(
-    guard: Guard,
+    checker: StepChecker,
     items: Iterator[Item | BadLine],
     config: Config,
     *,
@@ -281,10 +256,9 @@ async def judge_stream(
     async def flush() -> None:
         nonlocal pending_views
         views = [view for item in pending for view in item.views]
-        outcomes: list[Verdict | str] = []
+        outcomes: list[Verdict] = []
         for start in range(0, len(views), batch_size):
-            outcomes.extend(await judge_views(guard, views[start:start + batch_size],
-                                              config.guard.timeout_s))
+            outcomes.extend(await checker.check_many(views[start:start + batch_size]))
         offset = 0
         for item in pending:
             own = outcomes[offset:offset + len(item.views)]
@@ -384,7 +358,7 @@ async def _run(args: argparse.Namespace, config: Config, stream: IO[bytes] | Non
             items = read_items(stream)
             source = "stdin" if args.input == "-" else args.input
         summary = await judge_stream(
-            guard, items, config, channel=args.channel, steps=args.steps,
+            StepChecker(guard, config.guard), items, config, channel=args.channel, steps=args.steps,
             batch_size=args.batch_size, out=sys.stdout, err=sys.stderr, source=source)
     finally:
         await guard.aclose()

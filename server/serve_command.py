@@ -1,17 +1,14 @@
-"""``guardrail``: the command line. ``guardrail serve`` starts the proxy; ``guardrail check``
-judges text with the configured guard (server/check_command.py)."""
+"""``guardrail serve``: start the OpenAI-compatible proxy."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from guardrail.config import Config, load_config
 from guardrail.errors import ConfigError, UnknownBackendError
-from server.check_command import add_check_parser
 
 
 def _describe_start(config: Config) -> str:
@@ -112,25 +109,10 @@ class _QuietStartupFailure(logging.Filter):
         return getattr(self.app.state, "startup_error", None) is None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guardrail",
-                                     description="Guard a reasoning model's stream, step by step.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_serve_parser(commands: Any) -> None:
+    """Adds ``serve`` to the ``guardrail`` command's subcommands."""
     serve_parser = commands.add_parser("serve", help="start the OpenAI-compatible proxy")
     serve_parser.add_argument("--config", help="YAML config file (default: laptop defaults)")
     serve_parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve_parser.add_argument("--port", type=int, help="port (default 8000)")
     serve_parser.set_defaults(handler=serve)
-    add_check_parser(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = args.handler
-    result: int = handler(args)
-    return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())
