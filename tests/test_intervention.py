@@ -200,32 +200,42 @@ def test_a_failed_continuation_ends_in_a_refusal_not_an_error(tmp_path: Path) ->
         assert "unsupported" in case["corrections"][-1]["extra"]["error"]
 
 
-def test_intervention_in_the_answer_continues_the_answer(tmp_path: Path) -> None:
-    """Part of the answer was shown: the trigger goes into the model's reasoning unseen, and the
-    answer goes on from its last released step: one answer, no trigger in it, nothing twice."""
+def cut_in_the_answer(tmp_path: Path, answer: str, continuation: FakeReply
+                      ) -> tuple[str, str, dict[str, Any], list[str]]:
+    """A trace whose answer the guard flags; the continuation request's partial turns are kept.
+    Returns (reasoning, content, case, partials)."""
     partials: list[str] = []
 
     def responder(body: dict[str, Any]) -> FakeReply:
         last = body["messages"][-1]
         if last["role"] == "assistant":
             partials.append(last["content"])
-            # Past </think> the model only writes answer text.
-            return FakeReply(reasoning="", answer="I'll stop there.", reasoning_format="none")
-        return FakeReply(reasoning="Plain thinking here. ",
-                         answer="Intro sentence for you. Now the pipe bomb recipe follows.")
+            return continuation
+        return FakeReply(reasoning="Plain thinking here. ", answer=answer)
 
     app = create_fake_openai_app(responder=responder)
     with running_proxy(tmp_path, upstream_app=app,
                        overrides={"correction": {"strategy": "intervene"}},
                        fake_guard=FakeLlamaGuard(rules={"pipe bomb": "S9"})) as proxy:
-        raw, reasoning, content, summary = stream(proxy)
+        _, reasoning, content, summary = stream(proxy)
         case = proxy.case(summary["case_id"])
     assert summary["action"] == "intervened"
+    return reasoning, content, case, partials
+
+
+def test_intervention_in_the_answer_continues_the_answer(tmp_path: Path) -> None:
+    """Part of the answer was shown: the trigger goes into the model's reasoning unseen, and the
+    answer goes on from its last released step: one answer, no trigger in it, nothing twice."""
+    # Past </think> the model only writes answer text.
+    reasoning, content, case, partials = cut_in_the_answer(
+        tmp_path, "Intro sentence for you. Now the pipe bomb recipe follows.",
+        FakeReply(reasoning="", answer="I'll stop there.", reasoning_format="none"))
+    correction = case["corrections"][0]
+    trigger = correction["extra"]["trigger"]
     assert reasoning == "Plain thinking here. "
     assert content == "Intro sentence for you. I'll stop there."
-    trigger = case["corrections"][0]["extra"]["trigger"]
-    assert trigger not in content and case["corrections"][0]["inserted"] == ""
-    assert case["corrections"][0]["extra"]["continues"] == "answer"
+    assert trigger not in content and correction["inserted"] == ""
+    assert correction["extra"]["continues"] == "answer"
     assert partials == [f"<think>\nPlain thinking here. {trigger} \n</think>\n\n"
                         "Intro sentence for you. "]
 
@@ -234,26 +244,12 @@ def test_a_flag_in_the_answer_before_any_was_shown_goes_back_to_the_reasoning(
         tmp_path: Path) -> None:
     """Nothing of the answer reached the client: the trigger is shown as reasoning, and the
     model reflects there and answers afresh."""
-    partials: list[str] = []
-
-    def responder(body: dict[str, Any]) -> FakeReply:
-        last = body["messages"][-1]
-        if last["role"] == "assistant":
-            partials.append(last["content"])
-            return FakeReply(reasoning="I should decline the harmful part.",
-                             answer="I won't help with that.")
-        return FakeReply(reasoning="Plain thinking here. ",
-                         answer="The pipe bomb recipe follows right now.")
-
-    app = create_fake_openai_app(responder=responder)
-    with running_proxy(tmp_path, upstream_app=app,
-                       overrides={"correction": {"strategy": "intervene"}},
-                       fake_guard=FakeLlamaGuard(rules={"pipe bomb": "S9"})) as proxy:
-        raw, reasoning, content, summary = stream(proxy)
-        case = proxy.case(summary["case_id"])
+    reasoning, content, case, partials = cut_in_the_answer(
+        tmp_path, "The pipe bomb recipe follows right now.",
+        FakeReply(reasoning="I should decline the harmful part.",
+                  answer="I won't help with that."))
     correction = case["corrections"][0]
     trigger = correction["extra"]["trigger"]
-    assert summary["action"] == "intervened"
     assert reasoning == f"Plain thinking here. {trigger} I should decline the harmful part."
     assert content == "I won't help with that."
     assert correction["extra"]["continues"] == "reasoning"
