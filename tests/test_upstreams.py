@@ -712,8 +712,11 @@ async def test_demo_unknown_prompt_explains_itself() -> None:
     events = await collect(demo().stream(user("Tell me a joke about penguins.")))
     reasoning, answer = texts(events)
     assert "demo" in reasoning and "demo" in answer
-    for prompt, _ in DEMO_PROMPTS:
-        assert prompt in answer
+    for prompt, label in DEMO_PROMPTS:
+        # Only the safe ones are quoted: an answer quoting a harmful request is one a guard
+        # should flag.
+        assert (prompt in answer) is (label == "safe")
+    assert "README" in answer
     assert_well_formed(events)
 
 
