@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
-from guardrail.cases.model import Action, Case, CaseSummary
+from guardrail.cases.model import Action, Case, CaseSummary, ReviewLabel, ReviewVerdict
+
+
+@dataclass(frozen=True, slots=True)
+class CaseQuery:
+    """Which cases to read, oldest first. Empty tuples mean any."""
+
+    since: float | None = None
+    """``created_at`` at or after this (seconds since the epoch)."""
+    until: float | None = None
+    """``created_at`` before this."""
+    actions: tuple[Action, ...] = ()
+    model: str | None = None
+    labels: tuple[ReviewVerdict | None, ...] = ()
+    """Review labels to keep; ``None`` in the tuple keeps unreviewed cases."""
+    after: tuple[float, str] | None = None
+    """The cursor: ``(created_at, id)`` of the last case already read; reading resumes after
+    it (keyset pagination, so a scan costs the same wherever it is)."""
 
 
 class CaseStore(Protocol):
@@ -22,5 +41,18 @@ class CaseStore(Protocol):
         self, *, limit: int = 50, offset: int = 0, action: Action | None = None
     ) -> list[CaseSummary]:
         """Newest first."""
+
+    def scan(self, query: CaseQuery, *, batch_size: int = 500) -> AsyncIterator[Case]:
+        """Every case matching ``query``, oldest first (``created_at``, then ``id``), read in
+        batches of ``batch_size`` with a cursor, so memory stays flat however many there are.
+        A record that cannot be read is skipped and logged, never fatal."""
+        ...
+
+    async def set_review(self, case_id: str, review: ReviewLabel) -> Case | None:
+        """Store ``review`` with the case; the updated case, or None if there is none."""
+
+    async def put_unless_complete(self, case: Case) -> bool:
+        """``put`` unless the store already holds a ``complete`` record of this id and
+        ``case`` is not complete (a replay never downgrades). True if it was written."""
 
     async def aclose(self) -> None: ...

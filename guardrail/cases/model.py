@@ -9,10 +9,16 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 Action = Literal["pass", "intervened", "rewritten", "refused", "blocked", "error"]
 CaseStatus = Literal["in_progress", "complete"]
+ReviewVerdict = Literal["confirmed", "false_positive", "bad_correction"]
+
+SCHEMA_VERSION = 2
+"""The Case schema this code writes. 1: records written before the version was recorded (no
+``schema_version`` field); 2: adds ``schema_version``, ``review``, and ``Correction.cause`` /
+``outcome``. Readers accept every version up to this one."""
 
 
 def new_case_id() -> str:
@@ -61,6 +67,16 @@ class Correction(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class ReviewLabel(BaseModel):
+    """A team's review of a case, set before training on it."""
+
+    label: ReviewVerdict
+    by: str
+    """The name of the admin key that set it (never the key itself), or the CLI user."""
+    at: float = Field(default_factory=time.time)
+    note: str | None = None
+
+
 class Timings(BaseModel):
     total_ms: float | None = None
     upstream_first_token_ms: float | None = None
@@ -69,6 +85,8 @@ class Timings(BaseModel):
 
 
 class Case(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    """New cases are stamped ``SCHEMA_VERSION``; a stored record without the field is 1."""
     id: str = Field(default_factory=new_case_id)
     created_at: float = Field(default_factory=time.time)
     model: str | None = None
@@ -89,9 +107,22 @@ class Case(BaseModel):
     usage: dict[str, Any] | None = None
     timings: Timings = Field(default_factory=Timings)
     error: str | None = None
+    review: ReviewLabel | None = None
     status: CaseStatus = "complete"
     """``in_progress`` while the response is still being sent (stored as it starts, so a crash
     loses no case id a client was given); ``complete`` once it has ended, however it ended."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _versioned(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            version = data.get("schema_version", 1)
+            if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+                raise ValueError(f"case schema_version {version!r} is not one this version "
+                                 f"reads (1 to {SCHEMA_VERSION}); upgrade reasoning-guardrail")
+            if "schema_version" not in data:
+                data = {**data, "schema_version": 1}
+        return data
 
     @property
     def checks(self) -> int:
