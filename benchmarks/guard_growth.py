@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from guardrail.config import GuardConfig, StreamConfig
 from guardrail.guards.base import GuardView
-from guardrail.guards.llama_guard_format import build_messages
+from guardrail.guards.generative.families.llama_guard import build_messages
 from guardrail.steps import StepSplitter
 from guardrail.views import build_view, request_text
 

@@ -54,6 +54,10 @@ class UpstreamConfig(_Section):
 
 class GuardConfig(_Section):
     kind: str = "embedded"
+    runner: Literal["auto", "transformers", "endpoint", "vllm"] = "auto"
+    """How a generative guard's model runs: ``auto`` is ``endpoint`` with ``url`` and
+    ``transformers`` (in-process) without; ``vllm`` runs it in-process on vLLM. Only the
+    generative kinds take one."""
     url: str | None = None
     model: str | None = None
     api_key: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from guardrail.errors import UnknownBackendError
 
@@ -28,7 +28,8 @@ class Registry(Generic[T]):
         return decorator
 
     def register_lazy(self, name: str, target: str) -> None:
-        """Register ``"package.module:Factory"``; the module is imported on first use."""
+        """Register ``"package.module:Factory"`` (or ``:Class.factory``); the module is imported on
+        first use."""
         self._lazy[name] = target
 
     def names(self) -> list[str]:
@@ -42,7 +43,10 @@ class Registry(Generic[T]):
             known = ", ".join(self.names())
             raise UnknownBackendError(f"unknown {self.concept} {name!r}; known: {known}")
         module_name, _, attribute = target.partition(":")
-        factory: Callable[..., T] = getattr(importlib.import_module(module_name), attribute)
+        found: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+        factory = cast(Callable[..., T], found)
         self._factories[name] = factory
         return factory
 

@@ -38,6 +38,7 @@ from guardrail.config import Config, load_config
 from guardrail.errors import ConfigError, UnknownBackendError
 from guardrail.events import Channel
 from guardrail.guards.base import Guard, GuardView, Verdict
+from guardrail.guards.capabilities import warm_up
 from guardrail.step_checker import StepChecker
 from guardrail.steps import StepSplitter
 from guardrail.views import build_view, request_text
@@ -341,15 +342,10 @@ async def _run(args: argparse.Namespace, config: Config, stream: IO[bytes] | Non
     except ConfigError as error:
         return _fail(f"config error: {error}")
     try:
-        warm_up = getattr(guard, "warm_up", None)
-        if warm_up is not None:
-            try:
-                if asyncio.iscoroutinefunction(warm_up):
-                    await warm_up()
-                else:
-                    await asyncio.to_thread(warm_up)
-            except ConfigError as error:
-                return _fail(f"config error: {error}")
+        try:
+            await warm_up(guard)
+        except ConfigError as error:
+            return _fail(f"config error: {error}")
         if stream is None:
             items: Iterator[Item | BadLine] = iter([Item(line=None, prompt="",
                                                          response=args.text)])

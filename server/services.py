@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -13,7 +12,8 @@ from guardrail.cases.recorder import CaseRecorder
 from guardrail.config import Config
 from guardrail.correctors import Corrector, build_corrector
 from guardrail.guards import Guard, build_guard
-from guardrail.guards.guard_stats import GuardStatsCollector, find_stats
+from guardrail.guards.capabilities import find_stats, warm_up
+from guardrail.guards.plumbing.stats import GuardStatsCollector
 from guardrail.metrics import Metrics
 from guardrail.upstreams import Upstream, build_upstream
 from server.auth import Authenticator
@@ -45,13 +45,8 @@ class Services:
             opened.append(upstream.aclose)
             guard = build_guard(config.guard)
             opened.append(guard.aclose)
-            warm_up = getattr(guard, "warm_up", None)
-            if warm_up is not None:
-                # Load the guard's model now, not on the first request, and off the event loop.
-                if asyncio.iscoroutinefunction(warm_up):
-                    await warm_up()
-                else:
-                    await asyncio.to_thread(warm_up)
+            # Load the guard's model now, not on the first request, and off the event loop.
+            await warm_up(guard)
         except BaseException:
             # A failed start must not leave the store's connections or HTTP clients open.
             for close in reversed(opened):

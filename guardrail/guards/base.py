@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from guardrail.events import Channel
 
@@ -46,19 +46,22 @@ class Verdict:
 
 SAFE = Verdict(unsafe=False)
 
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
 
 async def check_each(
-    check: Callable[[GuardView], Awaitable[Verdict]], views: Sequence[GuardView]
-) -> list[Verdict]:
-    """Every view checked concurrently, in order. All checks finish before the first error is
-    raised, so none is left running behind it."""
-    results = await asyncio.gather(*(check(view) for view in views), return_exceptions=True)
-    verdicts: list[Verdict] = []
+    check: Callable[[_Item], Awaitable[_Result]], items: Sequence[_Item]
+) -> list[_Result]:
+    """Every view (or request) checked concurrently, in order. All checks finish before the first
+    error is raised, so none is left running behind it."""
+    results = await asyncio.gather(*(check(item) for item in items), return_exceptions=True)
+    answers: list[_Result] = []
     for result in results:
         if isinstance(result, BaseException):
             raise result
-        verdicts.append(result)
-    return verdicts
+        answers.append(result)
+    return answers
 
 
 class Guard(Protocol):

@@ -15,7 +15,7 @@ Each stage's own settings (``threshold``, ``timeout_s``, ``options``) are in its
 mappings are full guard sections (so a stage can be a cascade itself). The cascade's own
 ``guard.timeout_s`` bounds a whole check, so it should cover both stages.
 
-``stats()`` counts checks and escalations, for metrics (``guardrail.guards.guard_stats``).
+``stats()`` counts checks and escalations, for metrics (``guardrail.guards.plumbing.stats``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards.base import Guard, GuardView, Verdict
+from guardrail.guards.capabilities import WarmsUp
 
 DEFAULT_BAND = (0.2, 0.8)
 
@@ -78,13 +79,13 @@ def parse_options(options: dict[str, Any]) -> tuple[CascadeOptions, GuardConfig,
 
 
 def _build_stage(config: GuardConfig, stage: str) -> Guard:
-    from guardrail.guards import GUARDS
+    from guardrail.guards import create_guard
 
     if config.kind == "none":
         raise ConfigError(f"guard.options.{stage}.kind: 'none' judges nothing; a cascade needs "
                           f"two guards")
     try:
-        return GUARDS.create(config.kind, config)
+        return create_guard(config)
     except ConfigError as error:
         # Say which stage: "guard.url: ..." becomes "guard.options.second.url: ...".
         message = str(error)
@@ -117,9 +118,8 @@ class CascadeGuard:
     def warm_up(self) -> None:
         """Load both stages' models now (blocking), for stages that load lazily."""
         for stage in (self.first, self.second):
-            warm_up = getattr(stage, "warm_up", None)
-            if warm_up is not None and not asyncio.iscoroutinefunction(warm_up):
-                warm_up()
+            if isinstance(stage, WarmsUp):
+                stage.warm_up()
 
     def _needs_second(self, verdict: Verdict) -> bool:
         score = verdict.score
@@ -174,10 +174,10 @@ class CascadeGuard:
                  "second_guard": self.second.name}
         if first is None:
             extra["first_error"] = "true"
-        elif first.score is not None:
-            extra["first_score"] = f"{first.score:.4f}"
         else:
-            extra["first_score"] = "none"
+            extra["first_score"] = "none" if first.score is None else f"{first.score:.4f}"
+            if first.raw is not None:  # the audit log keeps what both stages said
+                extra["first_raw"] = first.raw
         return Verdict(unsafe=second.unsafe, categories=second.categories, score=second.score,
                        raw=second.raw, error=second.error, latency_s=elapsed, extra=extra)
 

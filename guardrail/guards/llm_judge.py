@@ -39,7 +39,7 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.events import Channel
 from guardrail.guards.base import GuardView, Verdict, check_each
-from guardrail.guards.llama_guard_format import CATEGORIES
+from guardrail.guards.generative.families.llama_guard import CATEGORIES
 
 # Must be set before litellm is first imported (it would fetch its price map from GitHub).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

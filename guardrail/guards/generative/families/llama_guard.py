@@ -1,4 +1,4 @@
-"""Llama Guard 3's side of the wire: the messages we send, and reading what it answers.
+"""``guard.kind: llama-guard``: Llama Guard 3 (1B, 8B): its prompt, its answer, its scores.
 
 The model's own chat template (shipped in its HF tokenizer and applied by vLLM) turns
 ``[user, assistant]`` messages into the task line, the S1-S14 category list and the ``User:`` /
@@ -6,13 +6,19 @@ The model's own chat template (shipped in its HF tokenizer and applied by vLLM) 
 is always preferred. ``render_prompt`` writes the same prompt only for a tokenizer that ships
 without one (a converted or re-saved checkpoint).
 
-The message texts are neutralised first (``guardrail.guards.neutralise``): text that imitates the
-template's delimiters, ``User:`` / ``Agent:`` headers, a ``safe`` / ``unsafe`` verdict line or a
-Llama 3 control token cannot close the conversation or plant an answer.
+The message texts are neutralised first (``guardrail.guards.plumbing.neutralise``): text that
+imitates the template's delimiters, ``User:`` / ``Agent:`` headers, a ``safe`` / ``unsafe``
+verdict line or a Llama 3 control token cannot close the conversation or plant an answer.
 
 The model answers ``safe``, or ``unsafe`` and a line of categories (``S1,S3``). The template
 ends at the assistant header without the usual blank line, so the model first emits ``\\n\\n``:
 the parser and the logprob scorer both skip leading whitespace.
+
+In-process, a check is one forward pass over the prompt plus that ``\\n\\n``: the score is
+P(``unsafe``) / (P(``unsafe``) + P(``safe``)) for the next token (the model card's recipe), and
+only a flagged step pays for a short greedy continuation after ``unsafe\\n`` that reads its
+categories. From a text runner (``vllm serve meta-llama/Llama-Guard-3-1B`` behind ``guard.url``,
+or ``runner: vllm``) the answer is parsed and the same score read from the first word's logprobs.
 """
 
 from __future__ import annotations
@@ -20,11 +26,26 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from guardrail.errors import GuardError
 from guardrail.guards.base import GuardView
-from guardrail.guards.neutralise import Markers, neutralise
+from guardrail.guards.generative.families.base import Exchange, Family, Reading, yes_share
+from guardrail.guards.generative.runners.text import (
+    ChatRequest,
+    Completion,
+    TextRequest,
+    TokenLogprob,
+    chat_logprobs,
+)
+from guardrail.guards.generative.runners.transformers import HFRunner
+from guardrail.guards.plumbing.neutralise import Markers
+
+DEFAULT_MODEL = "meta-llama/Llama-Guard-3-1B"
+ANSWERS = ("unsafe", "safe")
+CATEGORY_TOKENS = 12
+"""In-process, room for ``S1,S10,S14`` after ``unsafe\\n``; the model stops by itself before."""
+MAX_TOKENS = 20
+"""From a text runner, room for ``\\n\\nunsafe\\nS1,S2,...``; the model stops well before."""
 
 # Names as the Llama Guard 3 model card gives them. The chat template's prompt uses shorter
 # labels for a few (S3 "Sex Crimes", S4 "Child Exploitation", S11 "Self-Harm"); the codes are
@@ -92,11 +113,7 @@ def build_messages(view: GuardView, markers: Markers = MARKERS) -> list[dict[str
     parts for the 1B template (which iterates over content parts) by detecting its format.
     Texts are neutralised against ``markers``.
     """
-    messages = [{"role": "user", "content": neutralise(view.request, markers)}]
-    response = view.response_text()
-    if response.strip():
-        messages.append({"role": "assistant", "content": neutralise(response, markers)})
-    return messages
+    return Exchange.of(view, markers).messages()
 
 
 def render_prompt(messages: Sequence[Mapping[str, str]], bos: str | None = _BOS) -> str:
@@ -165,57 +182,37 @@ def parse_verdict(text: str) -> tuple[bool, tuple[str, ...]]:
     return True, parse_categories(category_text)
 
 
-def _probability(logprob: object) -> float:
-    if not isinstance(logprob, int | float) or math.isnan(logprob):
-        return 0.0
-    return math.exp(logprob) if logprob < 0 else 1.0
-
-
 def score_from_logprobs(logprobs: object) -> float | None:
+    """``score_tokens`` of a chat-completions choice's ``logprobs`` object: ``{"content":
+    [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}, ...]}``.
+    """
+    return score_tokens(chat_logprobs(logprobs))
+
+
+def score_tokens(tokens: Sequence[TokenLogprob]) -> float | None:
     """P(unsafe) / (P(unsafe) + P(safe)) at the first generated word, or None if not known.
 
-    ``logprobs`` is a chat-completions choice's ``logprobs`` object: ``{"content": [{"token",
-    "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}, ...]}``. Leading
-    whitespace tokens (the ``\\n\\n`` Llama Guard emits first) are skipped. Every top entry that
-    strips to ``safe`` / ``unsafe`` (any case) counts towards that word; a word absent from the
-    top list counts as probability 0; with both absent, or no usable logprobs, None.
+    Leading whitespace tokens (the ``\\n\\n`` Llama Guard emits first) are skipped. Every top
+    entry that strips to ``safe`` / ``unsafe`` (any case) counts towards that word; a word absent
+    from the top list counts as probability 0; with both absent, or no logprobs, None.
     """
-    if not isinstance(logprobs, Mapping):
-        return None
-    content = logprobs.get("content")
-    if not isinstance(content, Sequence) or isinstance(content, str):
-        return None
-    first = next(
-        (
-            entry
-            for entry in content
-            if isinstance(entry, Mapping) and str(entry.get("token", "")).strip()
-        ),
-        None,
-    )
+    first = next((token for token in tokens if token.token.strip()), None)
     if first is None:
         return None
-    candidates: list[Any] = list(first.get("top_logprobs") or [])
+    candidates = list(first.top)
     # The sampled token itself belongs to the distribution even if a server left it out of
     # top_logprobs (OpenAI's spec lets top lists be short).
-    if not any(
-        isinstance(entry, Mapping) and entry.get("token") == first.get("token")
-        for entry in candidates
-    ):
-        candidates.append(first)
+    if not any(token == first.token for token, _ in candidates):
+        candidates.append((first.token, first.logprob))
     mass = {"safe": 0.0, "unsafe": 0.0}
-    seen = {"safe": False, "unsafe": False}
-    for entry in candidates:
-        if not isinstance(entry, Mapping):
-            continue
-        word = str(entry.get("token", "")).strip().lower()
+    seen = False
+    for token, logprob in candidates:
+        word = token.strip().lower()
         if word in mass:
-            mass[word] += _probability(entry.get("logprob"))
-            seen[word] = True
-    if not (seen["safe"] or seen["unsafe"]):
-        return None
+            mass[word] += math.exp(min(logprob, 0.0))
+            seen = True
     total = mass["safe"] + mass["unsafe"]
-    if total <= 0.0:
+    if not seen or total <= 0.0:
         return None
     return mass["unsafe"] / total
 
@@ -224,3 +221,46 @@ def describe(categories: Sequence[str]) -> str:
     """``S9 (Indiscriminate Weapons), S1 (Violent Crimes)`` for logs and audit records."""
     return ", ".join(f"{code} ({CATEGORIES[code]})" if code in CATEGORIES else code
                      for code in categories)
+
+
+class LlamaGuard(Family):
+    name = "llama-guard"
+    default_model = DEFAULT_MODEL
+    markers = MARKERS
+
+    def prompts(self, runner: HFRunner, exchange: Exchange) -> list[str]:
+        """The template's prompt and the ``\\n\\n`` the model writes before its verdict."""
+        messages = exchange.messages()
+        rendered = runner.render_chat(messages, add_generation_prompt=False)
+        if rendered is None:
+            rendered = render_prompt(messages, runner.tokenizer.bos_token)
+        return [rendered if rendered.endswith("\n\n") else rendered + "\n\n"]
+
+    async def read_local(self, runner: HFRunner, exchange: Exchange,
+                         threshold: float) -> Reading:
+        (prompt,) = self.prompts(runner, exchange)
+        p_unsafe, p_safe = await runner.score(prompt, runner.continuation_ids(prompt, ANSWERS))
+        score = yes_share(p_unsafe, p_safe)
+        text_unsafe = p_unsafe > p_safe
+        categories: tuple[str, ...] = ()
+        raw = "unsafe" if text_unsafe else "safe"
+        if score >= threshold:
+            continuation = await runner.generate(prompt + "unsafe\n", CATEGORY_TOKENS)
+            line = continuation.text.strip().splitlines()
+            categories = parse_categories(line[0]) if line else ()
+            raw = "unsafe\n" + continuation.text.strip()
+        return Reading(text_unsafe=text_unsafe, score=score, categories=categories, raw=raw,
+                       score_source="logits", extra={"p_answer": f"{p_unsafe + p_safe:.4f}"})
+
+    def requests(self, exchange: Exchange) -> list[TextRequest]:
+        messages = exchange.messages()
+        # No BOS in the fallback: the engine's tokenizer adds its own to a text prompt.
+        return [ChatRequest(tuple(messages), MAX_TOKENS,
+                            fallback_prompt=render_prompt(messages, bos=None))]
+
+    def read_text(self, exchange: Exchange, completions: Sequence[Completion],
+                  threshold: float) -> Reading:
+        (completion,) = completions
+        text_unsafe, categories = parse_verdict(completion.text)
+        return Reading(text_unsafe=text_unsafe, score=score_tokens(completion.tokens),
+                       categories=categories, raw=completion.text, score_source="logprobs")

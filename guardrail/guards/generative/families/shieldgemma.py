@@ -1,4 +1,4 @@
-"""ShieldGemma's side of the wire: its policies, its prompt, its markers, reading its answer.
+"""``guard.kind: shieldgemma``: Google ShieldGemma (2B, 9B, 27B): policies, prompt, answer.
 
 ShieldGemma judges ONE policy per prompt: its chat template takes the policy as ``guideline`` and
 writes the model card's prompt (``render_prompt`` writes the same for a tokenizer without it),
@@ -9,20 +9,34 @@ The four policies are the model card's, worded for a prompt ("The prompt shall n
 seek generation of content that...") or a response ("The chatbot shall not generate content
 that..."). ``guard.options.policies`` picks some of them by name, or maps names to guideline
 texts of your own.
+
+A check asks every configured policy and the step's score is the highest P(Yes) among them; its
+categories are the policies at or above ``guard.threshold``. In-process, the policy prompts of a
+check are scored in the same micro-batched forward pass; from a text runner, one request per
+policy (``chat_template_kwargs.guideline``, ``max_tokens: 1``), concurrently, scored from the
+logprobs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.neutralise import Markers
+from guardrail.guards.generative.families.base import Exchange, Family, Reading, yes_share
+from guardrail.guards.generative.runners.text import (
+    ChatRequest,
+    Completion,
+    TextRequest,
+    answer_probabilities,
+)
+from guardrail.guards.generative.runners.transformers import HFRunner
+from guardrail.guards.plumbing.neutralise import Markers
 
 DEFAULT_MODEL = "google/shieldgemma-2b"
-OPTIONS = ("policies",)
 
 POLICIES: dict[str, tuple[str, str]] = {
     "dangerous": (
@@ -145,3 +159,83 @@ def parse_output(text: str) -> tuple[bool, int]:
     if match is None:
         raise GuardError(f"shieldgemma: output does not start with 'Yes' or 'No': {text[:200]!r}")
     return match.group(1).lower() == "yes", match.start(1)
+
+
+def _reading(policies: tuple[Policy, ...], scores: list[float | None], answers: list[bool],
+             threshold: float, raw: str, source: str) -> Reading:
+    """One Reading from the per-policy answers: the worst policy decides."""
+    known = [(policy.name, score) for policy, score in zip(policies, scores, strict=True)
+             if score is not None]
+    flagged = [name for name, score in sorted(known, key=lambda item: -item[1])
+               if score >= threshold]
+    said = [policy.name for policy, answer in zip(policies, answers, strict=True) if answer]
+    return Reading(
+        text_unsafe=bool(said),
+        # With any policy unscored the text decides, so a missing logprob cannot hide a Yes.
+        score=max(score for _, score in known) if len(known) == len(policies) else None,
+        categories=tuple(flagged) if len(known) == len(policies) else tuple(said),
+        raw=raw,
+        score_source=source,
+        extra={f"p_{name}": f"{score:.4f}" for name, score in known},
+    )
+
+
+class ShieldGemma(Family):
+    name = "shieldgemma"
+    default_model = DEFAULT_MODEL
+    markers = MARKERS
+    options = ("policies",)
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.policies = policies_from_options(options)
+
+    def prompts(self, runner: HFRunner, exchange: Exchange) -> list[str]:
+        """One prompt per policy, each ending where the model writes Yes or No."""
+        messages = exchange.messages()
+        prompts: list[str] = []
+        for policy in self.policies:
+            guideline = policy.guideline(exchange.prompt_check)
+            rendered = runner.render_chat(messages, add_generation_prompt=False,
+                                          guideline=guideline)
+            if rendered is None:
+                rendered = render_prompt(exchange.request, exchange.response, guideline,
+                                         runner.tokenizer.bos_token)
+            prompts.append(rendered)
+        return prompts
+
+    async def read_local(self, runner: HFRunner, exchange: Exchange,
+                         threshold: float) -> Reading:
+        prompts = self.prompts(runner, exchange)
+        ids = runner.continuation_ids(prompts[0], ("Yes", "No"))
+        results = await asyncio.gather(*(runner.score(prompt, ids) for prompt in prompts))
+        answers = [p_yes > p_no for p_yes, p_no in results]
+        raw = ", ".join(f"{policy.name}: {'Yes' if answer else 'No'}"
+                        for policy, answer in zip(self.policies, answers, strict=True))
+        return _reading(self.policies, [yes_share(p_yes, p_no) for p_yes, p_no in results],
+                        answers, threshold, raw, "logits")
+
+    def requests(self, exchange: Exchange) -> list[TextRequest]:
+        messages = tuple(exchange.messages())
+        requests: list[TextRequest] = []
+        for policy in self.policies:
+            guideline = policy.guideline(exchange.prompt_check)
+            requests.append(ChatRequest(
+                messages, 1, template_kwargs={"guideline": guideline},
+                fallback_prompt=render_prompt(exchange.request, exchange.response, guideline,
+                                              bos=None),
+            ))
+        return requests
+
+    def read_text(self, exchange: Exchange, completions: Sequence[Completion],
+                  threshold: float) -> Reading:
+        scores: list[float | None] = []
+        answers: list[bool] = []
+        for completion in completions:
+            violates, at = parse_output(completion.text)
+            answers.append(violates)
+            probabilities = answer_probabilities(completion, at, ("yes", "no"))
+            scores.append(None if probabilities is None else probabilities["yes"])
+        # Each policy's answer as the model wrote it.
+        raw = ", ".join(f"{policy.name}: {completion.text.strip()}"
+                        for policy, completion in zip(self.policies, completions, strict=True))
+        return _reading(self.policies, scores, answers, threshold, raw, "logprobs")

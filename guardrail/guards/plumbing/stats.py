@@ -1,37 +1,20 @@
 """Exports a guard's own counters (``stats() -> dict[str, int]``) as Prometheus counters.
 
 Some guards count things only they know, such as how often a cascade escalates to its second
-stage. They expose ``stats()``; this collector reads it at every scrape, so the guard needs no
-Prometheus code and the counters appear in the app's registry as
+stage. They expose ``stats()`` (``guardrail.guards.capabilities.HasStats``); this collector
+reads it at every scrape, so the guard needs no Prometheus code and the counters appear in the
+app's registry as
 ``guardrail_guard_stats_total{guard="cascade", stat="escalated"}``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-
-@runtime_checkable
-class HasStats(Protocol):
-    name: str
-
-    def stats(self) -> dict[str, int]: ...
-
-
-def find_stats(guard: Any) -> HasStats | None:
-    """The guard itself, or the guard it wraps (``inner``), if it keeps counters."""
-    seen = 0
-    current = guard
-    while current is not None and seen < 8:
-        if isinstance(current, HasStats):
-            return current
-        current = getattr(current, "inner", None)
-        seen += 1
-    return None
+from guardrail.guards.capabilities import HasStats
 
 
 class GuardStatsCollector(Collector):

@@ -1,4 +1,4 @@
-"""WildGuard's side of the wire: its hand-applied prompt, its markers, and reading its answers.
+"""``guard.kind: wildguard``: WildGuard (allenai/wildguard): its prompt, markers and answers.
 
 WildGuard (allenai/wildguard, a Mistral-7B fine-tune) has no chat template: the prompt below is
 formatted by hand (``WILDGUARD_INPUT_FORMAT`` of the wildguard package) and tokenized without
@@ -12,21 +12,40 @@ It answers three questions, one per line::
 
 (``N/A`` for the response questions when there is no response). A response check is unsafe iff
 ``Harmful response`` is ``yes``; a prompt check iff ``Harmful request`` is ``yes``.
+
+The deciding answer comes last, so unlike the single-word guards WildGuard cannot be scored by
+one forward pass: in-process, each check is a short greedy generation (about 20 tokens), and the
+score is P(yes) / (P(yes) + P(no)) at the step where the deciding answer is written; the text
+decides where no score can be had. ``extra`` records the other answers (``harmful_request``,
+``response_refusal``). A text runner gets the prompt rendered here (``/completions`` on an
+endpoint), without the ``<s>`` the server's tokenizer adds itself.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guardrail.errors import GuardError
-from guardrail.guards.neutralise import Markers
+from guardrail.guards.generative.families.base import Exchange, Family, Reading
+from guardrail.guards.generative.runners.text import (
+    Completion,
+    PromptRequest,
+    TextRequest,
+    answer_probabilities,
+)
+from guardrail.guards.generative.runners.transformers import Generated, HFRunner
+from guardrail.guards.plumbing.neutralise import Markers
 
 DEFAULT_MODEL = "allenai/wildguard"
 HARMFUL_REQUEST = "Harmful request"
 RESPONSE_REFUSAL = "Response refusal"
 HARMFUL_RESPONSE = "Harmful response"
 KEYS = (HARMFUL_REQUEST, RESPONSE_REFUSAL, HARMFUL_RESPONSE)
+ANSWER_TOKENS = 32
+"""Room for the three answer lines; the model stops by itself before."""
+_BOS = "<s>"
 
 PROMPT = (
     "<s><|user|>\n"
@@ -117,3 +136,74 @@ def verdict_of(output: WildGuardOutput, key: str, text: str) -> bool:
     if answer is None:
         raise GuardError(f"wildguard: no yes/no answer for {key!r}: {_shorten(text)}")
     return answer
+
+
+def _extra(output: WildGuardOutput, key: str) -> dict[str, str]:
+    """The answers other than the deciding one, for the audit log."""
+    names = {HARMFUL_REQUEST: "harmful_request", RESPONSE_REFUSAL: "response_refusal"}
+    extra: dict[str, str] = {}
+    for name, field in names.items():
+        if name != key and name in output.answers:
+            answer = output.answers[name]
+            extra[field] = "n/a" if answer is None else ("yes" if answer else "no")
+    return extra
+
+
+def _category(key: str) -> tuple[str, ...]:
+    return (key.lower().replace(" ", "_"),)
+
+
+class WildGuard(Family):
+    name = "wildguard"
+    default_model = DEFAULT_MODEL
+    markers = MARKERS
+
+    def prompts(self, runner: HFRunner, exchange: Exchange) -> list[str]:
+        return [render_prompt(exchange.request, exchange.response or "")]
+
+    @staticmethod
+    def answer_step(runner: HFRunner, generated: Generated, key: str) -> int | None:
+        """The generation step that wrote the answer to ``key``: the first non-blank token after
+        the first ``<key>:`` in the output."""
+        after_key = re.compile(rf"{re.escape(key)}\s*:\s*$", re.IGNORECASE)
+        for step in range(len(generated.token_ids)):
+            if after_key.search(runner.decode(generated.token_ids[:step])):
+                while step < len(generated.token_ids) and not runner.decode(
+                    generated.token_ids[step:step + 1]
+                ).strip():
+                    step += 1
+                return step if step < len(generated.token_ids) else None
+        return None
+
+    async def read_local(self, runner: HFRunner, exchange: Exchange,
+                         threshold: float) -> Reading:
+        (prompt,) = self.prompts(runner, exchange)
+        key = decisive_key(exchange.prompt_check)
+        yes_no = runner.continuation_ids(prompt + HARMFUL_REQUEST + ":", [" yes", " no"])
+        generated = await runner.generate(prompt, ANSWER_TOKENS, watch=yes_no)
+        output = parse_output(generated.text)
+        text_unsafe = verdict_of(output, key, generated.text)
+        step = self.answer_step(runner, generated, key)
+        score: float | None = None
+        if step is not None:
+            p_yes, p_no = generated.watched[step]
+            score = p_yes / (p_yes + p_no) if p_yes + p_no > 0 else None
+        return Reading(text_unsafe=text_unsafe, score=score,
+                       categories=_category(key) if text_unsafe else (), raw=generated.text,
+                       score_source="logits", extra=_extra(output, key))
+
+    def requests(self, exchange: Exchange) -> list[TextRequest]:
+        prompt = render_prompt(exchange.request, exchange.response or "")
+        return [PromptRequest(prompt.removeprefix(_BOS), ANSWER_TOKENS)]
+
+    def read_text(self, exchange: Exchange, completions: Sequence[Completion],
+                  threshold: float) -> Reading:
+        (completion,) = completions
+        output = parse_output(completion.text)
+        key = decisive_key(exchange.prompt_check)
+        text_unsafe = verdict_of(output, key, completion.text)
+        probabilities = answer_probabilities(completion, output.value_at[key], ("yes", "no"))
+        return Reading(text_unsafe=text_unsafe,
+                       score=None if probabilities is None else probabilities["yes"],
+                       categories=_category(key) if text_unsafe else (), raw=completion.text,
+                       score_source="logprobs", extra=_extra(output, key))

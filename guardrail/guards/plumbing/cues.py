@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 
 from guardrail.guards.base import Guard, GuardView, Verdict
+from guardrail.guards.capabilities import JudgesRequests, WarmsUp
 
 # First-person commitments to produce the requested content, and answer openers that deliver it.
 # A bare "Okay, I'll" or "Okay, let me" is not one: it opens refusals ("Okay, I'll have to
@@ -87,9 +88,8 @@ class ComplianceCueGuard:
         # check of a view with the request and no response (a prompt check).
         task = self._request_verdicts.get(request)
         if task is None or (task.done() and task.cancelled()):
-            judge_request = getattr(self.inner, "judge_request", None)
-            if judge_request is not None:
-                task = asyncio.ensure_future(judge_request(request))
+            if isinstance(self.inner, JudgesRequests):
+                task = asyncio.ensure_future(self.inner.judge_request(request))
             else:
                 # No response text: template guards (Llama Guard...) classify the prompt itself.
                 view = GuardView(request=request, context=(), step="", channel="reasoning")
@@ -103,6 +103,5 @@ class ComplianceCueGuard:
         await self.inner.aclose()
 
     def warm_up(self) -> None:
-        warm_up = getattr(self.inner, "warm_up", None)
-        if warm_up is not None:
-            warm_up()
+        if isinstance(self.inner, WarmsUp):
+            self.inner.warm_up()

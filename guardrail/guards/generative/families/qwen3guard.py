@@ -1,4 +1,4 @@
-"""Qwen3Guard-Gen's side of the wire: its prompt, its markers, and reading its answer.
+"""``guard.kind: qwen3guard``: Qwen3Guard-Gen (0.6B, 4B, 8B): its prompt, markers and answer.
 
 The model's tokenizer ships the prompt as its chat template: ``[user]`` asks whether THE LAST
 USER's query is safe (nine categories, Jailbreak included), ``[user, assistant]`` whether THE
@@ -14,7 +14,14 @@ Output (greedy)::
     Refusal: No          <- only when a response is judged
 
 ``Controversial`` is the model's third level: content whose harm depends on context. Under
-``guard.options.controversial: strict`` (the default) it counts as unsafe, under ``loose`` as safe.
+``guard.options.controversial: strict`` (the default) it counts as unsafe, under ``loose`` as safe;
+the score follows (P(Unsafe) + P(Controversial), or P(Unsafe) alone).
+
+In-process, the prompt is followed by ``Safety:``, which the model always writes first, and one
+forward pass gives the probabilities of `` Unsafe``, `` Controversial`` and `` Safe`` as the next
+token. A flagged step then pays for a short continuation that writes its categories (and, for a
+response, the refusal line). From a text runner the answer is parsed and scored from the
+severity word's logprobs.
 """
 
 from __future__ import annotations
@@ -22,9 +29,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from guardrail.errors import GuardError
-from guardrail.guards.neutralise import Markers
+from guardrail.guards.generative.families.base import Exchange, Family, Reading, choice_option
+from guardrail.guards.generative.runners.text import (
+    ChatRequest,
+    Completion,
+    TextRequest,
+    answer_probabilities,
+)
+from guardrail.guards.generative.runners.transformers import HFRunner
+from guardrail.guards.plumbing.neutralise import Markers
 
 DEFAULT_MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
 SEVERITIES = ("Unsafe", "Controversial", "Safe")
@@ -40,6 +56,8 @@ CATEGORIES = (
     "Jailbreak",
 )
 MODES = ("strict", "loose")
+ANSWER_TOKENS = 32
+"""Room for the three answer lines; the model stops by itself before."""
 
 MARKERS = Markers(
     literals=(
@@ -191,3 +209,76 @@ def unsafe_probability(probabilities: Mapping[str, float], mode: str) -> float:
     if mode == "strict":
         score += probabilities.get("Controversial", 0.0)
     return score
+
+
+def _extra(severity: str, refusal: bool | None, mode: str) -> dict[str, str]:
+    extra = {"severity": severity, "controversial": mode}
+    if refusal is not None:
+        extra["refusal"] = "yes" if refusal else "no"
+    return extra
+
+
+class Qwen3Guard(Family):
+    name = "qwen3guard"
+    default_model = DEFAULT_MODEL
+    markers = MARKERS
+    options = ("controversial",)
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.mode = choice_option(options, "controversial", MODES, "strict")
+
+    def prompts(self, runner: HFRunner, exchange: Exchange) -> list[str]:
+        """The text the model reads, up to where it writes ``Safety:``."""
+        messages = exchange.messages()
+        rendered = runner.render_chat(messages, add_generation_prompt=False)
+        if rendered is not None and not rendered.rstrip().endswith(("</think>", "assistant")):
+            # A template that leaves the assistant header to add_generation_prompt.
+            rendered = runner.render_chat(messages, add_generation_prompt=True)
+        return [rendered if rendered is not None else render_prompt(messages)]
+
+    async def read_local(self, runner: HFRunner, exchange: Exchange,
+                         threshold: float) -> Reading:
+        (head,) = self.prompts(runner, exchange)
+        prompt = head + "Safety:"
+        ids = runner.continuation_ids(prompt, [" " + word for word in SEVERITIES])
+        raw = await runner.score(prompt, ids)
+        total = sum(raw)
+        probabilities = {word: (p / total if total > 0 else 1 / len(raw))
+                         for word, p in zip(SEVERITIES, raw, strict=True)}
+        severity = max(SEVERITIES, key=lambda word: probabilities[word])
+        score = unsafe_probability(probabilities, self.mode)
+        categories: tuple[str, ...] = ()
+        refusal: bool | None = None
+        answer = f"Safety: {severity}"
+        if score >= threshold:
+            # The flagged severity the categories belong to: the likelier of the unsafe ones.
+            flagged = severity if severity != "Safe" else (
+                "Unsafe" if self.mode == "loose"
+                or probabilities["Unsafe"] >= probabilities["Controversial"] else "Controversial"
+            )
+            continued = f"Safety: {flagged}\nCategories:"
+            continuation = await runner.generate(head + continued, ANSWER_TOKENS)
+            answer = continued + continuation.text
+            parsed = parse_output(answer)
+            categories, refusal = parsed.categories, parsed.refusal
+        extra = _extra(severity, refusal, self.mode)
+        extra.update({f"p_{word.lower()}": f"{probabilities[word]:.4f}" for word in SEVERITIES})
+        return Reading(text_unsafe=counts_as_unsafe(severity, self.mode), score=score,
+                       categories=categories, raw=answer, score_source="logits", extra=extra)
+
+    def requests(self, exchange: Exchange) -> list[TextRequest]:
+        messages = exchange.messages()
+        return [ChatRequest(tuple(messages), ANSWER_TOKENS,
+                            fallback_prompt=render_prompt(messages))]
+
+    def read_text(self, exchange: Exchange, completions: Sequence[Completion],
+                  threshold: float) -> Reading:
+        (completion,) = completions
+        parsed = parse_output(completion.text)
+        probabilities = answer_probabilities(completion, parsed.severity_at, SEVERITIES)
+        return Reading(
+            text_unsafe=counts_as_unsafe(parsed.severity, self.mode),
+            score=None if probabilities is None else unsafe_probability(probabilities, self.mode),
+            categories=parsed.categories, raw=completion.text, score_source="logprobs",
+            extra=_extra(parsed.severity, parsed.refusal, self.mode),
+        )

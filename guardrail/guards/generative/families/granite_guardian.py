@@ -1,4 +1,9 @@
-"""Granite Guardian's side of the wire: its risk setting, its markers, and reading its answer.
+"""``guard.kind: granite-guardian``: IBM Granite Guardian 3.x: its risk, markers and answer.
+
+``guard.options.risk`` picks the risk judged (``harm`` by default; ``jailbreak``, ``social_bias``,
+``violence``, ``profanity``, ``sexual_content``, ``unethical_behavior``...), passed to the model's
+chat template as ``guardian_config``; ``guard.options.guardian_config`` passes a mapping as is
+(Granite Guardian 3.3: ``{criteria_id: harm}``). A flagged step's category is the risk's name.
 
 The prompt is the model's chat template, which takes the risk to judge as
 ``guardian_config={"risk_name": "harm"}`` (3.0-3.2; 3.3 names it ``criteria_id``); there is no
@@ -11,22 +16,34 @@ Output shapes, by version::
     Yes\\n<confidence> High </confidence>   3.2
     <score> yes </score>                   3.3 (after <think>...</think> in thinking mode)
 
-``Yes`` means the risk is present (unsafe).
+``Yes`` means the risk is present (unsafe). In-process (3.0-3.2, whose first answer token is
+``Yes`` or ``No``) a check is one forward pass and the score P(Yes) / (P(Yes) + P(No)), the model
+card's recipe; from a text runner, any version's answer is parsed and scored from the yes/no
+word's logprobs.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.neutralise import Markers
+from guardrail.guards.generative.families.base import Exchange, Family, Reading, yes_share
+from guardrail.guards.generative.runners.text import (
+    ChatRequest,
+    Completion,
+    TextRequest,
+    answer_probabilities,
+)
+from guardrail.guards.generative.runners.transformers import HFRunner
+from guardrail.guards.plumbing.neutralise import Markers
 
 DEFAULT_MODEL = "ibm-granite/granite-guardian-3.1-2b"
 DEFAULT_RISK = "harm"
-OPTIONS = ("risk", "guardian_config")
+ANSWER_TOKENS = 20
+"""Room for ``Yes`` plus 3.2's confidence tag (3.3 in thinking mode needs a larger limit)."""
 
 MARKERS = Markers(
     literals=(
@@ -101,3 +118,50 @@ def parse_output(text: str) -> GraniteOutput:
         answer_at=match.start(1),
         confidence=confidence.group(1).capitalize() if confidence else None,
     )
+
+
+class GraniteGuardian(Family):
+    name = "granite-guardian"
+    default_model = DEFAULT_MODEL
+    markers = MARKERS
+    options = ("risk", "guardian_config")
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.guardian_config = guardian_config(options)
+        self.risk = risk_label(self.guardian_config)
+
+    def prompts(self, runner: HFRunner, exchange: Exchange) -> list[str]:
+        rendered = runner.render_chat(exchange.messages(), add_generation_prompt=True,
+                                      guardian_config=self.guardian_config)
+        if rendered is None:
+            raise ConfigError(
+                f"guard.model: the tokenizer of {runner.model_name} has no chat template; "
+                "Granite Guardian's risk definitions live in it"
+            )
+        return [rendered]
+
+    async def read_local(self, runner: HFRunner, exchange: Exchange,
+                         threshold: float) -> Reading:
+        (prompt,) = self.prompts(runner, exchange)
+        p_yes, p_no = await runner.score(prompt, runner.continuation_ids(prompt, ("Yes", "No")))
+        return Reading(text_unsafe=p_yes > p_no, score=yes_share(p_yes, p_no),
+                       categories=(self.risk,), raw="Yes" if p_yes > p_no else "No",
+                       score_source="logits", extra={"risk": self.risk})
+
+    def requests(self, exchange: Exchange) -> list[TextRequest]:
+        # No fallback prompt: the risk definitions live in the model's own template.
+        return [ChatRequest(tuple(exchange.messages()), ANSWER_TOKENS,
+                            template_kwargs={"guardian_config": self.guardian_config})]
+
+    def read_text(self, exchange: Exchange, completions: Sequence[Completion],
+                  threshold: float) -> Reading:
+        (completion,) = completions
+        output = parse_output(completion.text)
+        probabilities = answer_probabilities(completion, output.answer_at, ("yes", "no"))
+        extra = {"risk": self.risk}
+        if output.confidence:
+            extra["confidence"] = output.confidence
+        return Reading(text_unsafe=output.risky,
+                       score=None if probabilities is None else probabilities["yes"],
+                       categories=(self.risk,), raw=completion.text, score_source="logprobs",
+                       extra=extra)

@@ -1,4 +1,5 @@
-"""One in-process causal LM (transformers) shared by the generative guards.
+"""``runner: transformers``: the guard model in-process, with transformers (the default without
+``guard.url``).
 
 The guards differ in their prompt and answer words, not in how a model is run, so the running lives
 here: load ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local folder or a hub id, render a
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.microbatch import MicroBatcher
+from guardrail.guards.plumbing.microbatch import MicroBatcher
 
 RUNNER_OPTIONS = ("device", "dtype", "batch_size", "batch_wait_ms")
-"""``guard.options`` keys read here; backends add their own."""
+"""``guard.options`` keys read here; the families add their own."""
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -84,6 +86,16 @@ class _GenerateRequest:
 class HFRunner:
     """A lazily loaded model + tokenizer; thread-safe, one inference at a time."""
 
+    name = "transformers"
+    option_keys = RUNNER_OPTIONS
+
+    @classmethod
+    def from_config(cls, config: GuardConfig, *, model: str, guard: str) -> HFRunner:
+        if config.url:
+            raise ConfigError(f"guard.url: the transformers runner runs {guard} in-process; "
+                              "drop guard.url, or use runner: endpoint")
+        return cls(model, RunnerSettings.from_options(config.options), guard=guard)
+
     def __init__(self, model: str, settings: RunnerSettings, *, guard: str) -> None:
         self.model_name = model
         self.settings = settings
@@ -112,6 +124,10 @@ class HFRunner:
     def batches(self) -> int:
         """Forward passes (scoring) and generate calls run so far; each may serve many checks."""
         return self._scorer.batches + self._generator.batches
+
+    @property
+    def model(self) -> str:
+        return self.model_name
 
     @property
     def loaded(self) -> bool:
@@ -178,6 +194,9 @@ class HFRunner:
         if self._model is None:
             await asyncio.to_thread(self.load)
 
+    async def aclose(self) -> None:
+        self.close()
+
     def close(self) -> None:
         """Drop the model (its memory goes with it once a running batch ends); a later call
         loads it again."""
@@ -209,12 +228,7 @@ class HFRunner:
         """The control tokens judged text must never be allowed to produce: every special token,
         and every other added token that the chat template writes (Qwen's ``<think>``). Added
         tokens that are ordinary markup (Gemma lists ``<table>``) stay readable text."""
-        tokenizer = self.tokenizer
-        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-        found = [str(token.content) for token in tokenizer.added_tokens_decoder.values()
-                 if token.special or str(token.content) in template]
-        found += [str(token) for token in tokenizer.all_special_tokens]
-        return tuple(dict.fromkeys(found))
+        return control_tokens(self.tokenizer)
 
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
@@ -398,3 +412,13 @@ class HFRunner:
     ) -> Generated:
         """A greedy continuation, batched with concurrent callers."""
         return await self._generator.submit(_GenerateRequest(prompt, max_new_tokens, tuple(watch)))
+
+
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """A Hugging Face tokenizer's special tokens, and its other added tokens that its chat
+    template writes (see ``HFRunner.special_tokens``)."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    found = [str(token.content) for token in tokenizer.added_tokens_decoder.values()
+             if token.special or str(token.content) in template]
+    found += [str(token) for token in tokenizer.all_special_tokens]
+    return tuple(dict.fromkeys(found))
