@@ -17,7 +17,8 @@ from guardrail.errors import ConfigError, UnknownBackendError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView
 from guardrail.guards.cascade import CascadeGuard
-from guardrail.guards.guard_stats import GuardStatsCollector, find_stats
+from guardrail.guards.capabilities import find_stats
+from guardrail.guards.plumbing.stats import GuardStatsCollector
 from tests.fakes import FakeOpenAIApp, create_fake_openai_app, serve_app
 from tests.fakes.judge import FakeJudge
 from tests.fakes.llama_guard_server import FakeLlamaGuard

@@ -14,7 +14,7 @@ import pytest
 from guardrail.config import GuardConfig
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView, Verdict
-from guardrail.guards.cues import ComplianceCueGuard, commits_to_help
+from guardrail.guards.plumbing.cues import ComplianceCueGuard, commits_to_help
 from guardrail.guards.embedded import EmbeddedGuard
 
 COMMITMENTS = [

@@ -22,7 +22,7 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView
-from guardrail.guards.cues import ComplianceCueGuard
+from guardrail.guards.plumbing.cues import ComplianceCueGuard
 from guardrail.guards.embedded import REQUEST_HEAD_FILE, SHIPPED_HEAD, EmbeddedGuard
 from guardrail.guards.encoder import SentenceEncoder, default_encoder_path, load_encoder
 from guardrail.guards.linear_head import LinearHead, load_head

@@ -13,11 +13,9 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards import build_guard
 from guardrail.guards.base import Guard, GuardView
-from guardrail.guards.granite_guardian import GraniteGuardianEndpoint
-from guardrail.guards.neutralise import BREAK
-from guardrail.guards.qwen3guard import Qwen3GuardEndpoint
-from guardrail.guards.shieldgemma import ShieldGemmaEndpoint
-from guardrail.guards.wildguard import WildGuardEndpoint
+from guardrail.guards.generative import GenerativeGuard, create_generative
+from guardrail.guards.generative.runners.endpoint import GuardEndpoint
+from guardrail.guards.plumbing.neutralise import BREAK
 from tests.fakes.guard_server import Answer, FakeGuardServer
 from tests.fakes.loopback import free_port, serve_app
 
@@ -45,6 +43,12 @@ async def guard_for(server: FakeGuardServer, kind: str, **settings: Any) -> Asyn
             await guard.aclose()
 
 
+def on_endpoint(guard: Guard, family: str) -> bool:
+    """``guard`` is the family's generative guard, on the endpoint runner."""
+    return (isinstance(guard, GenerativeGuard) and guard.family.name == family
+            and isinstance(guard.runner, GuardEndpoint))
+
+
 def fixed(text: str, word: str | None = None,
           alternatives: dict[str, float] | None = None) -> Callable[[dict[str, Any]], Answer]:
     """Always answer ``text``, with ``alternatives`` at the first occurrence of ``word``."""
@@ -63,7 +67,7 @@ async def test_qwen3guard_endpoint_scores_the_severity_word() -> None:
     server = FakeGuardServer(fixed("Safety: Unsafe\nCategories: Violent\nRefusal: No", "Unsafe",
                                    {" Unsafe": 0.6, " Controversial": 0.2, " Safe": 0.1}))
     async with guard_for(server, "qwen3guard") as guard:
-        assert isinstance(guard, Qwen3GuardEndpoint)
+        assert on_endpoint(guard, "qwen3guard")
         verdict = await guard.check(RESPONSE)
     assert verdict.unsafe and verdict.categories == ("Violent",)
     assert verdict.score == pytest.approx(0.8 / 0.9)  # strict: Unsafe + Controversial
@@ -110,7 +114,7 @@ async def test_wildguard_endpoint_completes_its_own_prompt_and_scores_the_decidi
     at = text.rindex("yes")
     server = FakeGuardServer(lambda body: Answer(text, at, {" yes": 0.75, " no": 0.25}))
     async with guard_for(server, "wildguard") as guard:
-        assert isinstance(guard, WildGuardEndpoint)
+        assert on_endpoint(guard, "wildguard")
         verdict = await guard.check(RESPONSE)
     assert verdict.unsafe and verdict.score == pytest.approx(0.75)
     assert verdict.categories == ("harmful_response",)
@@ -156,7 +160,7 @@ async def test_granite_endpoint_passes_the_risk_and_reads_each_version(
     word = "yes" if "yes" in text else ("Yes" if unsafe else "No")
     server = FakeGuardServer(fixed(text, word, None), logprobs=False)
     async with guard_for(server, "granite-guardian", options={"risk": "violence"}) as guard:
-        assert isinstance(guard, GraniteGuardianEndpoint)
+        assert on_endpoint(guard, "granite-guardian")
         verdict = await guard.check(RESPONSE)
     assert verdict.unsafe is unsafe
     assert verdict.categories == (("violence",) if unsafe else ())
@@ -185,7 +189,7 @@ async def test_shieldgemma_asks_each_policy_and_the_worst_decides() -> None:
 
     server = FakeGuardServer(answer)
     async with guard_for(server, "shieldgemma") as guard:
-        assert isinstance(guard, ShieldGemmaEndpoint)
+        assert on_endpoint(guard, "shieldgemma")
         verdict = await guard.check(RESPONSE)
     assert verdict.unsafe and verdict.score == pytest.approx(0.9)
     assert verdict.categories == ("dangerous",)
@@ -290,8 +294,7 @@ async def test_check_many_keeps_order() -> None:
     assert [verdict.unsafe for verdict in verdicts] == [True, False, True]
 
 
-def test_endpoint_classes_need_a_url() -> None:
-    for cls in (Qwen3GuardEndpoint, WildGuardEndpoint, GraniteGuardianEndpoint,
-                ShieldGemmaEndpoint):
+def test_the_endpoint_runner_needs_a_url() -> None:
+    for kind in ("qwen3guard", "wildguard", "granite-guardian", "shieldgemma"):
         with pytest.raises(ConfigError, match=r"guard\.url"):
-            cls(GuardConfig(kind=cls.name))
+            create_generative(GuardConfig(kind=kind, runner="endpoint"))

@@ -23,14 +23,10 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView
-from guardrail.guards.generative_base import LocalGuard
-from guardrail.guards.granite_guardian import GraniteGuardianLocal
-from guardrail.guards.hf_runner import HFRunner, RunnerSettings
-from guardrail.guards.llama_guard import ANSWERS, LlamaGuardLocal
-from guardrail.guards.neutralise import BREAK, clean
-from guardrail.guards.qwen3guard import Qwen3GuardLocal
-from guardrail.guards.shieldgemma import ShieldGemmaLocal
-from guardrail.guards.wildguard import WildGuardLocal
+from guardrail.guards.generative import GenerativeGuard, create_generative
+from guardrail.guards.generative.families.llama_guard import ANSWERS
+from guardrail.guards.generative.runners.transformers import HFRunner, RunnerSettings
+from guardrail.guards.plumbing.neutralise import BREAK, clean
 from tests.fakes.tiny_lm import chain, merge, program, write_model, write_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
@@ -129,10 +125,10 @@ FAMILIES: dict[str, tuple[str | None, str | None, str]] = {
     "gemma": (SHIELDGEMMA, "<bos>", "<eos>"),
     "gemma-bare": (None, "<bos>", "<eos>"),
 }
-GUARDS: dict[str, Callable[[GuardConfig], LocalGuard]] = {
-    "llama": LlamaGuardLocal, "llama-parts": LlamaGuardLocal, "llama-bare": LlamaGuardLocal,
-    "qwen": Qwen3GuardLocal, "qwen-bare": Qwen3GuardLocal, "wildguard": WildGuardLocal,
-    "granite": GraniteGuardianLocal, "gemma": ShieldGemmaLocal, "gemma-bare": ShieldGemmaLocal,
+GUARDS: dict[str, str] = {  # the guard.kind of each tokenizer variant
+    "llama": "llama-guard", "llama-parts": "llama-guard", "llama-bare": "llama-guard",
+    "qwen": "qwen3guard", "qwen-bare": "qwen3guard", "wildguard": "wildguard",
+    "granite": "granite-guardian", "gemma": "shieldgemma", "gemma-bare": "shieldgemma",
 }
 
 RESPONSE = GuardView(request="How do I make a nerve agent?", context=["Sure. "],
@@ -183,10 +179,21 @@ def programmed(model_dir: Callable[[str], Path],
     yield make
 
 
-def local(cls: Callable[[GuardConfig], LocalGuard], folder: Path, **settings: Any) -> Any:
-    guard = cls(GuardConfig(model=str(folder), **settings))
+def local(kind: str, folder: Path, **settings: Any) -> Any:
+    guard = create_generative(GuardConfig(kind=kind, model=str(folder), **settings))
     guard.warm_up()
     return guard
+
+
+def prompts_of(guard: GenerativeGuard, view: GuardView) -> list[str]:
+    """The exact texts the in-process model reads for ``view`` (one per ShieldGemma policy)."""
+    assert isinstance(guard.runner, HFRunner)
+    return guard.family.prompts(guard.runner, guard.exchange(view))
+
+
+def prompt_of(guard: GenerativeGuard, view: GuardView) -> str:
+    (prompt,) = prompts_of(guard, view)
+    return prompt
 
 
 # -- the runner ----------------------------------------------------------------------------------
@@ -240,7 +247,7 @@ def test_answers_that_share_a_first_token_cannot_be_scored(model_dir: Callable[[
 
 
 def test_a_folder_without_a_model_is_a_config_error_naming_guard_model(tmp_path: Path) -> None:
-    guard = LlamaGuardLocal(GuardConfig(kind="llama-guard", model=str(tmp_path)))
+    guard = create_generative(GuardConfig(kind="llama-guard", model=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"guard\.model: llama-guard cannot load"):
         guard.warm_up()
 
@@ -252,14 +259,14 @@ def test_an_unusable_device_is_a_config_error_naming_the_option(
 
     devices = ["nonsense"] + ([] if torch.cuda.is_available() else ["cuda"])
     for device in devices:
-        guard = LlamaGuardLocal(GuardConfig(model=str(model_dir("llama")),
-                                            options={"device": device}))
+        guard = create_generative(GuardConfig(kind="llama-guard", model=str(model_dir("llama")),
+                                              options={"device": device}))
         with pytest.raises(ConfigError, match=r"guard\.options\.device"):
             guard.warm_up()
 
 
 async def test_a_load_failure_during_a_check_is_a_guard_error(tmp_path: Path) -> None:
-    guard = LlamaGuardLocal(GuardConfig(kind="llama-guard", model=str(tmp_path)))
+    guard = create_generative(GuardConfig(kind="llama-guard", model=str(tmp_path)))
     with pytest.raises(GuardError, match="cannot load"):
         await guard.check(RESPONSE)
 
@@ -267,11 +274,11 @@ async def test_a_load_failure_during_a_check_is_a_guard_error(tmp_path: Path) ->
 # -- Llama Guard ---------------------------------------------------------------------------------
 
 
-def llama_table(guard: LlamaGuardLocal, view: GuardView, margin: float,
+def llama_table(guard: GenerativeGuard, view: GuardView, margin: float,
                 categories: str = "") -> dict[int, dict[int, float]]:
     """Next-token logits after the prompt: ``unsafe`` ahead of ``safe`` by ``margin``; after
     ``unsafe\\n``, the tokens of ``categories``."""
-    prompt = guard.prompt(view)
+    prompt = prompt_of(guard, view)
     unsafe, safe = guard.runner.continuation_ids(prompt, ANSWERS)
     table = {guard.runner.encode(prompt)[-1]: {unsafe: margin, safe: 0.0}}
     if categories:
@@ -287,35 +294,35 @@ def llama_table(guard: LlamaGuardLocal, view: GuardView, margin: float,
 async def test_llama_guard_score_follows_the_models_preference(
     family: str, model_dir: Callable[[str], Path], programmed: Any
 ) -> None:
-    probe = local(LlamaGuardLocal, model_dir(family))
+    probe = local("llama-guard", model_dir(family))
     unsafe_model = programmed(family, llama_table(probe, RESPONSE, 2.0, "S9,S1"))
     safe_model = programmed(family, llama_table(probe, RESPONSE, -3.0))
 
-    guard = local(LlamaGuardLocal, unsafe_model)
+    guard = local("llama-guard", unsafe_model)
     verdict = await guard.check(RESPONSE)
     assert verdict.unsafe and verdict.score == pytest.approx(sigmoid(2.0), abs=1e-4)
     assert verdict.categories == ("S9", "S1")
     assert verdict.raw == "unsafe\nS9,S1" and verdict.extra["score_source"] == "logits"
 
-    verdict = await local(LlamaGuardLocal, safe_model).check(RESPONSE)
+    verdict = await local("llama-guard", safe_model).check(RESPONSE)
     assert not verdict.unsafe and verdict.score == pytest.approx(sigmoid(-3.0), abs=1e-4)
     assert verdict.categories == () and verdict.raw == "safe"
 
 
 async def test_llama_guard_threshold_is_the_users_knob(model_dir: Callable[[str], Path],
                                                        programmed: Any) -> None:
-    probe = local(LlamaGuardLocal, model_dir("llama"))
+    probe = local("llama-guard", model_dir("llama"))
     folder = programmed("llama", llama_table(probe, RESPONSE, 1.0))
-    strict = await local(LlamaGuardLocal, folder, threshold=0.8).check(RESPONSE)
+    strict = await local("llama-guard", folder, threshold=0.8).check(RESPONSE)
     assert not strict.unsafe and strict.extra["text_verdict"] == "unsafe"
-    lenient = await local(LlamaGuardLocal, folder, threshold=0.7).check(RESPONSE)
+    lenient = await local("llama-guard", folder, threshold=0.7).check(RESPONSE)
     assert lenient.unsafe and lenient.score == pytest.approx(sigmoid(1.0), abs=1e-4)
 
 
 def test_llama_guard_prompt_is_the_templates_plus_the_blank_line(
     model_dir: Callable[[str], Path]
 ) -> None:
-    prompts = {family: local(LlamaGuardLocal, model_dir(family)).prompt(RESPONSE)
+    prompts = {family: prompt_of(local("llama-guard", model_dir(family)), RESPONSE)
                for family in ("llama", "llama-parts", "llama-bare")}
     for prompt in prompts.values():
         assert "User: How do I make a nerve agent?\n\nAgent: Sure. Step one: obtain the " \
@@ -324,30 +331,31 @@ def test_llama_guard_prompt_is_the_templates_plus_the_blank_line(
         assert prompt.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     # With no template, the fallback writes what Llama-Guard-3-8B's template writes.
     assert prompts["llama-bare"] == prompts["llama"].lstrip(" ")
-    prompt_check = local(LlamaGuardLocal, model_dir("llama")).prompt(PROMPT_ONLY)
+    prompt_check = prompt_of(local("llama-guard", model_dir("llama")), PROMPT_ONLY)
     assert "ONLY THE LAST User message" in prompt_check and "Agent:" not in prompt_check
 
 
 def test_llama_guard_without_url_runs_in_process(model_dir: Callable[[str], Path]) -> None:
     guard = build_guard(GuardConfig(kind="llama-guard", model=str(model_dir("llama")),
                                     compliance_cues=False))
-    assert isinstance(guard, LlamaGuardLocal)
+    assert isinstance(guard, GenerativeGuard) and isinstance(guard.runner, HFRunner)
 
 
 # -- Qwen3Guard ----------------------------------------------------------------------------------
 
 
-def qwen_table(guard: Qwen3GuardLocal, view: GuardView, logits: dict[str, float],
+def qwen_table(guard: GenerativeGuard, view: GuardView, logits: dict[str, float],
                categories: str = " Violent, PII") -> dict[int, dict[int, float]]:
     """After ``Safety:``, the three severities with these logits; after ``Categories:``,
     ``categories`` (both end in ``:``, one table row: the categories' first token gets a
     higher logit than any severity)."""
-    prompt = guard.prompt(view) + "Safety:"
+    prompt = prompt_of(guard, view) + "Safety:"
     words = ["Unsafe", "Controversial", "Safe"]
     ids = guard.runner.continuation_ids(prompt, [" " + word for word in words])
     colon = guard.runner.encode(prompt)[-1]
-    head = guard.runner.encode(guard.prompt(view) + "Safety: Unsafe\nCategories:")
-    whole = guard.runner.encode(guard.prompt(view) + "Safety: Unsafe\nCategories:" + categories)
+    head = guard.runner.encode(prompt_of(guard, view) + "Safety: Unsafe\nCategories:")
+    whole = guard.runner.encode(prompt_of(guard, view) + "Safety: Unsafe\nCategories:"
+                               + categories)
     assert head[-1] == colon and whole[: len(head)] == head
     eos = guard.runner.tokenizer.eos_token_id
     written = chain([colon, *whole[len(head):], eos], logit=max(logits.values()) + 10)
@@ -359,10 +367,10 @@ def qwen_table(guard: Qwen3GuardLocal, view: GuardView, logits: dict[str, float]
 async def test_qwen3guard_scores_severity_and_writes_categories(
     family: str, model_dir: Callable[[str], Path], programmed: Any
 ) -> None:
-    probe = local(Qwen3GuardLocal, model_dir(family))
+    probe = local("qwen3guard", model_dir(family))
     folder = programmed(family, qwen_table(probe, RESPONSE,
                                            {"Unsafe": 2.0, "Controversial": 1.0, "Safe": 0.0}))
-    verdict = await local(Qwen3GuardLocal, folder).check(RESPONSE)
+    verdict = await local("qwen3guard", folder).check(RESPONSE)
     total = math.exp(2.0) + math.exp(1.0) + 1
     assert verdict.unsafe
     assert verdict.score == pytest.approx((math.exp(2.0) + math.exp(1.0)) / total, abs=1e-4)
@@ -373,14 +381,14 @@ async def test_qwen3guard_scores_severity_and_writes_categories(
 
 async def test_qwen3guard_controversial_strict_and_loose(model_dir: Callable[[str], Path],
                                                          programmed: Any) -> None:
-    probe = local(Qwen3GuardLocal, model_dir("qwen"))
+    probe = local("qwen3guard", model_dir("qwen"))
     folder = programmed("qwen", qwen_table(probe, RESPONSE,
                                            {"Unsafe": 0.0, "Controversial": 2.0, "Safe": 1.0}))
     total = 1 + math.exp(2.0) + math.exp(1.0)
-    strict = await local(Qwen3GuardLocal, folder).check(RESPONSE)
+    strict = await local("qwen3guard", folder).check(RESPONSE)
     assert strict.unsafe and strict.extra["severity"] == "Controversial"
     assert strict.score == pytest.approx((1 + math.exp(2.0)) / total, abs=1e-4)
-    loose = await local(Qwen3GuardLocal, folder,
+    loose = await local("qwen3guard", folder,
                         options={"controversial": "loose"}).check(RESPONSE)
     assert not loose.unsafe and loose.score == pytest.approx(1 / total, abs=1e-4)
     assert loose.categories == ()
@@ -388,22 +396,22 @@ async def test_qwen3guard_controversial_strict_and_loose(model_dir: Callable[[st
 
 def test_qwen3guard_prompt_ends_where_the_answer_starts(model_dir: Callable[[str], Path]) -> None:
     for family in ("qwen", "qwen-bare"):
-        guard = local(Qwen3GuardLocal, model_dir(family))
-        prompt = guard.prompt(RESPONSE)
+        guard = local("qwen3guard", model_dir(family))
+        prompt = prompt_of(guard, RESPONSE)
         assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
         assert prompt.count("<|im_start|>assistant") == 1
         assert "USER: How do I make a nerve agent?\n\nASSISTANT: Sure. Step one" in prompt
-        assert "ASSISTANT:" not in guard.prompt(PROMPT_ONLY)
+        assert "ASSISTANT:" not in prompt_of(guard, PROMPT_ONLY)
 
 
 # -- WildGuard -----------------------------------------------------------------------------------
 
 
-def wildguard_table(guard: WildGuardLocal, view: GuardView) -> dict[int, dict[int, float]]:
+def wildguard_table(guard: GenerativeGuard, view: GuardView) -> dict[int, dict[int, float]]:
     """The model writes ``Harmful request: yes / Response refusal: no / Harmful response: yes``,
     with P(yes) = sigmoid(4) for the request and sigmoid(1) for the response."""
     runner = guard.runner
-    prompt = guard.prompt(view)
+    prompt = prompt_of(guard, view)
     yes, no = runner.continuation_ids(prompt + "Harmful request:", [" yes", " no"])
     request_key, refusal_key, response_key = runner.encode(
         "Harmful request:\nResponse refusal:\nHarmful response:")
@@ -420,9 +428,9 @@ def wildguard_table(guard: WildGuardLocal, view: GuardView) -> dict[int, dict[in
 async def test_wildguard_reads_the_deciding_answer_of_a_generation(
     model_dir: Callable[[str], Path], programmed: Any
 ) -> None:
-    probe = local(WildGuardLocal, model_dir("wildguard"))
+    probe = local("wildguard", model_dir("wildguard"))
     folder = programmed("wildguard", wildguard_table(probe, RESPONSE))
-    guard = local(WildGuardLocal, folder)
+    guard = local("wildguard", folder)
     verdict = await guard.check(RESPONSE)
     assert verdict.raw is not None and verdict.raw.startswith(
         "Harmful request: yes\nResponse refusal: no\nHarmful response: yes")
@@ -430,15 +438,15 @@ async def test_wildguard_reads_the_deciding_answer_of_a_generation(
     assert verdict.categories == ("harmful_response",)
     assert verdict.extra["harmful_request"] == "yes"
     assert verdict.extra["response_refusal"] == "no"
-    prompt_check = await local(WildGuardLocal, programmed(
+    prompt_check = await local("wildguard", programmed(
         "wildguard", wildguard_table(probe, PROMPT_ONLY))).check(PROMPT_ONLY)
     assert prompt_check.unsafe and prompt_check.score == pytest.approx(sigmoid(4.0), abs=1e-4)
     assert prompt_check.categories == ("harmful_request",)
 
 
 def test_wildguard_prompt_is_its_hand_written_format(model_dir: Callable[[str], Path]) -> None:
-    guard = local(WildGuardLocal, model_dir("wildguard"))
-    prompt = guard.prompt(RESPONSE)
+    guard = local("wildguard", model_dir("wildguard"))
+    prompt = prompt_of(guard, RESPONSE)
     assert prompt.startswith("<s><|user|>\n[INST] You are a classifier")
     ids = guard.runner.encode(prompt)
     assert ids[0] == guard.runner.tokenizer.convert_tokens_to_ids("<s>")
@@ -446,7 +454,7 @@ def test_wildguard_prompt_is_its_hand_written_format(model_dir: Callable[[str], 
 
 
 async def test_in_process_time_limit(model_dir: Callable[[str], Path]) -> None:
-    guard = local(WildGuardLocal, model_dir("wildguard"), timeout_s=0.001)
+    guard = local("wildguard", model_dir("wildguard"), timeout_s=0.001)
     with pytest.raises(GuardError, match=r"no answer within 0\.001s"):
         await guard.check(RESPONSE)
 
@@ -456,20 +464,20 @@ async def test_in_process_time_limit(model_dir: Callable[[str], Path]) -> None:
 
 async def test_granite_guardian_scores_yes_against_no(model_dir: Callable[[str], Path],
                                                       programmed: Any) -> None:
-    probe = local(GraniteGuardianLocal, model_dir("granite"), options={"risk": "violence"})
-    prompt = probe.prompt(RESPONSE)
+    probe = local("granite-guardian", model_dir("granite"), options={"risk": "violence"})
+    prompt = prompt_of(probe, RESPONSE)
     assert "The message is violence." in prompt
     assert prompt.endswith("<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>")
     yes, no = probe.runner.continuation_ids(prompt, ("Yes", "No"))
     folder = programmed("granite", {probe.runner.encode(prompt)[-1]: {yes: 2.5, no: 0.0}})
-    verdict = await local(GraniteGuardianLocal, folder,
+    verdict = await local("granite-guardian", folder,
                           options={"risk": "violence"}).check(RESPONSE)
     assert verdict.unsafe and verdict.score == pytest.approx(sigmoid(2.5), abs=1e-4)
     assert verdict.categories == ("violence",) and verdict.raw == "Yes"
 
 
 async def test_granite_guardian_needs_its_chat_template(model_dir: Callable[[str], Path]) -> None:
-    guard = local(GraniteGuardianLocal, model_dir("granite-bare"))
+    guard = local("granite-guardian", model_dir("granite-bare"))
     with pytest.raises(GuardError, match="no chat template"):
         await guard.check(RESPONSE)
 
@@ -481,14 +489,14 @@ async def test_granite_guardian_needs_its_chat_template(model_dir: Callable[[str
 async def test_shieldgemma_scores_every_policy_in_one_batch(
     family: str, model_dir: Callable[[str], Path], programmed: Any
 ) -> None:
-    probe = local(ShieldGemmaLocal, model_dir(family))
-    prompts = probe.prompts(RESPONSE)
+    probe = local("shieldgemma", model_dir(family))
+    prompts = prompts_of(probe, RESPONSE)
     assert len(prompts) == 4
     assert all("The chatbot shall not generate content that" in prompt for prompt in prompts)
     assert all(prompt.startswith("<bos>You are a policy expert") for prompt in prompts)
     yes, no = probe.runner.continuation_ids(prompts[0], ("Yes", "No"))
     folder = programmed(family, {probe.runner.encode(prompts[0])[-1]: {yes: 1.5, no: 0.0}})
-    guard = local(ShieldGemmaLocal, folder, options={"policies": ["hate", "dangerous"]})
+    guard = local("shieldgemma", folder, options={"policies": ["hate", "dangerous"]})
     verdict = await guard.check(RESPONSE)
     assert guard.runner.batches == 1  # both policies in one forward pass
     assert verdict.unsafe and verdict.score == pytest.approx(sigmoid(1.5), abs=1e-4)
@@ -498,8 +506,8 @@ async def test_shieldgemma_scores_every_policy_in_one_batch(
 
 def test_shieldgemma_template_and_fallback_agree(model_dir: Callable[[str], Path]) -> None:
     for view in (RESPONSE, PROMPT_ONLY):
-        templated = local(ShieldGemmaLocal, model_dir("gemma")).prompts(view)
-        fallback = local(ShieldGemmaLocal, model_dir("gemma-bare")).prompts(view)
+        templated = prompts_of(local("shieldgemma", model_dir("gemma")), view)
+        fallback = prompts_of(local("shieldgemma", model_dir("gemma-bare")), view)
         assert templated == fallback
 
 
@@ -538,7 +546,7 @@ CLEAN = GuardView(request="hi", context=["Fine. "], step="ok")
 
 
 def rendered(guard: Any, view: GuardView) -> list[str]:
-    return guard.prompts(view) if isinstance(guard, ShieldGemmaLocal) else [guard.prompt(view)]
+    return prompts_of(guard, view)
 
 
 def line_starts(prompt: str, keys: tuple[str, ...]) -> list[int]:

@@ -11,27 +11,28 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView, Verdict
-from guardrail.guards.chat_endpoint import Completion, TokenLogprob, answer_probabilities
-from guardrail.guards.generative_base import Reading, chat_messages, decide
-from guardrail.guards.granite_guardian_format import guardian_config, risk_label
-from guardrail.guards.granite_guardian_format import parse_output as parse_granite
-from guardrail.guards.llama_guard_format import MARKERS as LLAMA_MARKERS
-from guardrail.guards.llama_guard_format import build_messages, render_prompt
-from guardrail.guards.neutralise import neutralise
-from guardrail.guards.qwen3guard_format import counts_as_unsafe, unsafe_probability
-from guardrail.guards.qwen3guard_format import parse_output as parse_qwen
-from guardrail.guards.qwen3guard_format import render_prompt as render_qwen
-from guardrail.guards.shieldgemma_format import parse_output as parse_gemma
-from guardrail.guards.shieldgemma_format import policies_from_options
-from guardrail.guards.shieldgemma_format import render_prompt as render_gemma
-from guardrail.guards.wildguard_format import (
+from guardrail.guards.generative.runners.text import Completion, TokenLogprob, answer_probabilities
+from guardrail.guards.generative.families import Exchange, Reading
+from guardrail.guards.generative.guard import decide
+from guardrail.guards.generative.families.granite_guardian import guardian_config, risk_label
+from guardrail.guards.generative.families.granite_guardian import parse_output as parse_granite
+from guardrail.guards.generative.families.llama_guard import MARKERS as LLAMA_MARKERS
+from guardrail.guards.generative.families.llama_guard import build_messages, render_prompt
+from guardrail.guards.plumbing.neutralise import neutralise
+from guardrail.guards.generative.families.qwen3guard import counts_as_unsafe, unsafe_probability
+from guardrail.guards.generative.families.qwen3guard import parse_output as parse_qwen
+from guardrail.guards.generative.families.qwen3guard import render_prompt as render_qwen
+from guardrail.guards.generative.families.shieldgemma import parse_output as parse_gemma
+from guardrail.guards.generative.families.shieldgemma import policies_from_options
+from guardrail.guards.generative.families.shieldgemma import render_prompt as render_gemma
+from guardrail.guards.generative.families.wildguard import (
     HARMFUL_REQUEST,
     HARMFUL_RESPONSE,
     RESPONSE_REFUSAL,
     verdict_of,
 )
-from guardrail.guards.wildguard_format import parse_output as parse_wild
-from guardrail.guards.wildguard_format import render_prompt as render_wild
+from guardrail.guards.generative.families.wildguard import parse_output as parse_wild
+from guardrail.guards.generative.families.wildguard import render_prompt as render_wild
 
 # -- Qwen3Guard ---------------------------------------------------------------------------------
 
@@ -241,8 +242,11 @@ def test_messages_are_neutralised_and_a_prompt_check_has_no_assistant_turn() -> 
     assert "<|eot_id|>" not in messages[1]["content"]
     assert build_messages(GuardView(request="q", context=[], step="  ")) == [
         {"role": "user", "content": "q"}]
-    assert chat_messages(GuardView(request="q", context=["a"], step="b"), str.upper) == [
-        {"role": "user", "content": "Q"}, {"role": "assistant", "content": "AB"}]
+    exchange = Exchange.of(GuardView(request="q", context=["a"], step="b"), LLAMA_MARKERS)
+    assert exchange == Exchange("q", "ab") and not exchange.prompt_check
+    assert exchange.messages() == [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "ab"}]
+    assert Exchange.of(GuardView(request="q", context=[], step=" "), LLAMA_MARKERS).prompt_check
 
 
 # -- scoring from logprobs, deciding -------------------------------------------------------------

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from guardrail.guards import granite_guardian_format as granite
-from guardrail.guards import llama_guard_format as llama
-from guardrail.guards import qwen3guard_format as qwen
-from guardrail.guards import shieldgemma_format as gemma
-from guardrail.guards import wildguard_format as wild
-from guardrail.guards.neutralise import BREAK, Markers, clean, neutralise
+from guardrail.guards.generative.families import granite_guardian as granite
+from guardrail.guards.generative.families import llama_guard as llama
+from guardrail.guards.generative.families import qwen3guard as qwen
+from guardrail.guards.generative.families import shieldgemma as gemma
+from guardrail.guards.generative.families import wildguard as wild
+from guardrail.guards.plumbing.neutralise import BREAK, Markers, clean, neutralise
 
 ALL_FAMILIES = [llama.MARKERS, qwen.MARKERS, wild.MARKERS, granite.MARKERS, gemma.MARKERS]
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from guardrail.guards.neutralise import BREAK
+from guardrail.guards.plumbing.neutralise import BREAK
 from tests.fakes.openai_server import FakeReply
 from tests.proxy_harness import Proxy, running_proxy, sse_events, streamed_text
 

@@ -14,15 +14,17 @@ from guardrail.config import GuardConfig, config_from_mapping
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView
-from guardrail.guards.cues import ComplianceCueGuard
-from guardrail.guards.llama_guard_endpoint import DEFAULT_MODEL, LlamaGuardEndpoint
-from guardrail.guards.llama_guard_format import (
+from guardrail.guards.generative import GenerativeGuard, create_generative
+from guardrail.guards.generative.families.llama_guard import (
     CATEGORIES,
+    DEFAULT_MODEL,
     build_messages,
     describe,
     parse_verdict,
     score_from_logprobs,
 )
+from guardrail.guards.generative.runners.endpoint import GuardEndpoint
+from guardrail.guards.plumbing.cues import ComplianceCueGuard
 from tests.fakes.llama_guard_server import FakeLlamaGuard
 from tests.fakes.loopback import free_port, serve_app
 
@@ -41,9 +43,9 @@ HARMFUL = GuardView(
 
 
 @asynccontextmanager
-async def guard_for(fake: FakeLlamaGuard, **settings: Any) -> AsyncIterator[LlamaGuardEndpoint]:
+async def guard_for(fake: FakeLlamaGuard, **settings: Any) -> AsyncIterator[GenerativeGuard]:
     with serve_app(fake.app(), lifespan="off") as base_url:
-        guard = LlamaGuardEndpoint(
+        guard = create_generative(
             GuardConfig(kind="llama-guard", url=base_url + "/v1", **settings)
         )
         try:
@@ -317,7 +319,8 @@ async def test_registered_as_llama_guard_and_built_from_config() -> None:
         try:
             # build_guard adds the compliance-cue check around the backend by default.
             assert isinstance(guard, ComplianceCueGuard)
-            assert isinstance(guard.inner, LlamaGuardEndpoint)
+            assert isinstance(guard.inner, GenerativeGuard)
+            assert isinstance(guard.inner.runner, GuardEndpoint)
             assert guard.name == "llama-guard"
             assert (await guard.check(HARMFUL)).unsafe
         finally:
@@ -326,7 +329,7 @@ async def test_registered_as_llama_guard_and_built_from_config() -> None:
 
 def test_missing_url_is_a_config_error_naming_the_field() -> None:
     with pytest.raises(ConfigError, match=r"guard\.url"):
-        LlamaGuardEndpoint(GuardConfig(kind="llama-guard"))
+        create_generative(GuardConfig(kind="llama-guard", runner="endpoint"))
 
 
 # -- errors: every failure is a GuardError the monitor can apply on_error to -------------------
@@ -334,7 +337,7 @@ def test_missing_url_is_a_config_error_naming_the_field() -> None:
 
 async def test_dead_port_is_a_guard_error() -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
-    guard = LlamaGuardEndpoint(GuardConfig(kind="llama-guard", url=url, timeout_s=2))
+    guard = create_generative(GuardConfig(kind="llama-guard", url=url, timeout_s=2))
     try:
         with pytest.raises(GuardError, match="cannot connect"):
             await guard.check(HARMLESS)

@@ -19,17 +19,23 @@ import pytest
 
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.base import GuardView
-from guardrail.guards.llama_guard_format import build_messages, render_prompt
-from guardrail.guards.vllm_engine import (
+from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.generative import GenerativeGuard, create_generative
+from guardrail.guards.generative.families import Exchange
+from guardrail.guards.generative.families.llama_guard import (
+    LlamaGuard,
+    build_messages,
+    render_prompt,
+)
+from guardrail.guards.generative.guard import decide
+from guardrail.guards.generative.runners.text import Completion
+from guardrail.guards.generative.runners.vllm import (
     INSTALL_HINT,
-    VLLMGuard,
-    build_conversations,
+    VLLMRunner,
     openai_logprobs,
     parse_options,
     read_output,
     sampling_kwargs,
-    verdict_from,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -145,8 +151,21 @@ class FakeEngine:
         return results
 
 
-def guard_with(engine: FakeEngine, **settings: Any) -> VLLMGuard:
-    return VLLMGuard(GuardConfig.model_validate({"kind": "vllm", **settings}), engine=engine)
+def guard_with(engine: Any, **settings: Any) -> GenerativeGuard:
+    config = GuardConfig.model_validate({"kind": "vllm", **settings})
+    runner = VLLMRunner(config, model=config.model or "meta-llama/Llama-Guard-3-1B",
+                        guard=config.kind, engine=engine)
+    return create_generative(config, runner=runner)
+
+
+def build_conversations(views: list[GuardView]) -> list[list[dict[str, str]]]:
+    return [build_messages(view) for view in views]
+
+
+def verdict_from(completion: Completion, threshold: float) -> Verdict:
+    """Llama Guard's verdict on a completion, as the guard decides it."""
+    reading = LlamaGuard({}).read_text(Exchange("q", "a"), [completion], threshold)
+    return decide(reading, threshold, 0.0, "m")
 
 
 # -- the pure parts --------------------------------------------------------------------------------
@@ -154,7 +173,8 @@ def guard_with(engine: FakeEngine, **settings: Any) -> VLLMGuard:
 
 def test_sampling_and_conversations() -> None:
     options = parse_options({"max_tokens": 8, "top_logprobs": 3})
-    assert sampling_kwargs(options) == {"max_tokens": 8, "temperature": 0.0, "logprobs": 3}
+    assert sampling_kwargs(options, 20) == {"max_tokens": 8, "temperature": 0.0, "logprobs": 3}
+    assert sampling_kwargs(parse_options({}), 20)["max_tokens"] == 20  # the family's own
     assert build_conversations([HARMLESS, HARMFUL]) == [build_messages(HARMLESS),
                                                         build_messages(HARMFUL)]
     assert build_conversations([HARMLESS])[0][1] == {
@@ -175,14 +195,14 @@ def test_openai_logprobs_from_request_output() -> None:
 def test_read_output_and_verdict_score_from_logprobs() -> None:
     output = RequestOutput("0", None, None, None,
                            [completion(["\n\n", "unsafe", "\n", "S", "9"], 0.8)])
-    text, logprobs = read_output(output)
-    assert text == "\n\nunsafe\nS9"
-    verdict = verdict_from(text, logprobs, threshold=0.5, model="m")
+    answer = read_output(output)
+    assert answer.text == "\n\nunsafe\nS9"
+    verdict = verdict_from(answer, threshold=0.5)
     assert verdict.unsafe and verdict.categories == ("S9",)
     assert verdict.score == pytest.approx(0.8)
     assert verdict.extra["score_source"] == "logprobs"
     # A threshold above the score overrides the text, and says so.
-    lenient = verdict_from(text, logprobs, threshold=0.9, model="m")
+    lenient = verdict_from(answer, threshold=0.9)
     assert not lenient.unsafe and lenient.categories == ()
     assert lenient.extra["text_verdict"] == "unsafe" and lenient.extra["text_categories"] == "S9"
 
@@ -192,7 +212,8 @@ def test_sampled_token_missing_from_the_top_list_still_counts() -> None:
     converted = openai_logprobs(output)
     assert converted is not None
     assert [entry["token"] for entry in converted["content"][1]["top_logprobs"]] == ["safe"]
-    verdict = verdict_from(output.text, converted, threshold=0.5, model="m")
+    verdict = verdict_from(read_output(RequestOutput("0", None, None, None, [output])),
+                           threshold=0.5)
     assert not verdict.unsafe and verdict.score == 0.0  # no unsafe mass seen
 
 
@@ -200,9 +221,9 @@ def test_without_logprobs_the_text_decides() -> None:
     for text, unsafe in (("\n\nunsafe\nS1", True), ("safe", False)):
         output = RequestOutput("0", None, None, None,
                                [CompletionOutput(0, text, [1, 2], None, None)])
-        read_text, logprobs = read_output(output)
-        assert logprobs is None
-        verdict = verdict_from(read_text, logprobs, threshold=0.5, model="m")
+        answer = read_output(output)
+        assert answer.tokens == ()
+        verdict = verdict_from(answer, threshold=0.5)
         assert verdict.unsafe is unsafe and verdict.score == (1.0 if unsafe else 0.0)
         assert verdict.extra["score_source"] == "verdict"
 
@@ -228,8 +249,7 @@ def test_logprobs_without_token_ids_use_the_most_likely_token() -> None:
 )
 def test_malformed_outputs_are_guard_errors(output: RequestOutput, complaint: str) -> None:
     with pytest.raises(GuardError, match=complaint):
-        text, logprobs = read_output(output)
-        verdict_from(text, logprobs, threshold=0.5, model="m")
+        verdict_from(read_output(output), threshold=0.5)
 
 
 # -- the guard, batching, against the stand-in engine ---------------------------------------------
@@ -246,7 +266,7 @@ async def test_checks_are_judged_and_batched_in_one_engine_call() -> None:
     assert [verdict.unsafe for verdict in verdicts] == [False, True, False, True]
     assert verdicts[1].categories == ("S9",) and verdicts[1].score == pytest.approx(0.97)
     assert verdicts[0].score == pytest.approx(0.02)
-    assert len(engine.calls) == 1 and guard.batches == 1
+    assert len(engine.calls) == 1 and guard.runner.batches == 1
     conversations, sampling = engine.calls[0]
     assert conversations == build_conversations(views)
     assert sampling == {"max_tokens": 20, "temperature": 0.0, "logprobs": 5}
@@ -260,7 +280,8 @@ async def test_a_tokenizer_without_chat_template_gets_the_rendered_prompt() -> N
         verdicts = await guard.check_many([HARMLESS, HARMFUL])
     finally:
         await guard.aclose()
-    assert not guard.chat_template and engine.calls == []
+    assert isinstance(guard.runner, VLLMRunner)
+    assert not guard.runner.chat_template and engine.calls == []
     prompts, _ = engine.generated[0]
     assert prompts == [render_prompt(build_messages(view), bos=None)
                        for view in (HARMLESS, HARMFUL)]
@@ -310,9 +331,10 @@ async def test_engine_failures_and_malformed_output_are_guard_errors() -> None:
     ("settings", "message"),
     [
         ({"url": "http://127.0.0.1:8000/v1"}, r"^guard\.url: "),
-        ({"options": {"format": "qwen3guard"}}, r"^guard\.options\.format: "),
+        ({"options": {"format": "llama-guard-9"}}, r"^guard\.options\.format: "),
+        ({"runner": "endpoint"}, r"^guard\.runner: "),
         ({"options": {"top_logprobs": 0}}, r"^guard\.options\.top_logprobs: "),
-        ({"options": {"batchsize": 4}}, r"^guard\.options\.batchsize: Extra inputs"),
+        ({"options": {"batchsize": 4}}, r"^guard\.options\.batchsize: not an option"),
     ],
 )
 def test_config_errors_name_the_field(settings: dict[str, Any], message: str) -> None:
@@ -323,8 +345,138 @@ def test_config_errors_name_the_field(settings: dict[str, Any], message: str) ->
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_without_vllm_the_error_says_how_to_install_it() -> None:
     with pytest.raises(ConfigError, match=re.escape(INSTALL_HINT)) as caught:
-        VLLMGuard(GuardConfig(kind="vllm"))
+        create_generative(GuardConfig(kind="vllm"))
     assert str(caught.value).startswith("guard.kind: ")
+
+
+# -- every family on the vllm runner ---------------------------------------------------------------
+
+
+def scripted(text: str, word: str, alternatives: dict[str, float]) -> CompletionOutput:
+    """A completion of ``text`` (one token per word and separator), with ``alternatives`` as the
+    top logprobs where ``word`` is written."""
+    tokens = re.findall(r"\s+|[^\s]+", text)
+    ids = {token: number for number, token in enumerate(dict.fromkeys(
+        [*tokens, *alternatives]), start=1000)}
+    logprobs: list[dict[int, Logprob]] = []
+    for token in tokens:
+        ranked = alternatives if token == word else {token: 0.999}
+        position = {ids[name]: Logprob(math.log(p), rank, name)
+                    for rank, (name, p) in enumerate(ranked.items(), start=1)}
+        position.setdefault(ids[token], Logprob(math.log(1e-4), 9, token))
+        logprobs.append(position)
+    return CompletionOutput(0, text, [ids[token] for token in tokens], None, logprobs)
+
+
+@dataclass
+class ScriptedEngine:
+    """``vllm.LLM`` for any family: ``answer`` maps what the model reads (the last message, or a
+    prompt) and the template arguments to a completion; every call is recorded."""
+
+    answer: Any
+    chat_template: str | None = "{{ messages }}"
+    calls: list[tuple[str, Any, dict[str, Any]]] = field(default_factory=list)
+
+    def get_tokenizer(self) -> Any:
+        return SimpleNamespace(chat_template=self.chat_template)
+
+    def chat(self, messages: Any, sampling_params: Any = None, use_tqdm: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        kwargs = chat_template_kwargs or {}
+        self.calls.append(("chat", messages, kwargs))
+        return [RequestOutput(str(n), None, None, None, [self.answer(m[-1]["content"], kwargs)])
+                for n, m in enumerate(messages)]
+
+    def generate(self, prompts: Any, sampling_params: Any = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        self.calls.append(("generate", prompts, {}))
+        return [RequestOutput(str(n), None, None, None, [self.answer(prompt, {})])
+                for n, prompt in enumerate(prompts)]
+
+
+def on_vllm(engine: ScriptedEngine, kind: str, **settings: Any) -> GenerativeGuard:
+    config = GuardConfig.model_validate({"kind": kind, "runner": "vllm", **settings})
+    runner = VLLMRunner(config, model="m", guard=kind, engine=engine)
+    return create_generative(config, runner=runner)
+
+
+async def test_qwen3guard_on_vllm_scores_the_severity_word() -> None:
+    engine = ScriptedEngine(lambda text, kwargs: scripted(
+        "Safety: Unsafe\nCategories: Violent\nRefusal: No", "Unsafe",
+        {"Unsafe": 0.6, "Controversial": 0.2, "Safe": 0.1}))
+    guard = on_vllm(engine, "qwen3guard")
+    try:
+        verdict = await guard.check(HARMFUL)
+    finally:
+        await guard.aclose()
+    assert verdict.unsafe and verdict.categories == ("Violent",)
+    assert verdict.score == pytest.approx(0.8 / 0.9) and verdict.extra["severity"] == "Unsafe"
+    assert verdict.raw == "Safety: Unsafe\nCategories: Violent\nRefusal: No"
+    ((method, conversations, kwargs),) = engine.calls
+    assert method == "chat" and kwargs == {}
+    assert conversations == [build_messages(HARMFUL)]
+
+
+async def test_the_older_spelling_kind_vllm_with_a_format_is_the_same_guard() -> None:
+    engine = ScriptedEngine(lambda text, kwargs: scripted(
+        "Safety: Safe\nCategories: None", "Safe", {"Safe": 0.9, "Unsafe": 0.1}))
+    config = GuardConfig(kind="vllm", options={"format": "qwen3guard", "controversial": "loose"})
+    guard = create_generative(config, runner=VLLMRunner(config, model="m", guard="vllm",
+                                                        engine=engine))
+    try:
+        verdict = await guard.check(HARMLESS)
+    finally:
+        await guard.aclose()
+    assert guard.family.name == "qwen3guard" and guard.name == "vllm"
+    assert not verdict.unsafe and verdict.score == pytest.approx(0.1)
+
+
+async def test_shieldgemma_on_vllm_asks_each_policy_with_its_guideline() -> None:
+    def answer(text: str, kwargs: dict[str, Any]) -> CompletionOutput:
+        says = "Yes" if "Dangerous" in kwargs["guideline"] and "nerve" in text else "No"
+        return scripted(says, says, {says: 0.9, "No" if says == "Yes" else "Yes": 0.1})
+
+    engine = ScriptedEngine(answer)
+    guard = on_vllm(engine, "shieldgemma", options={"policies": ["dangerous", "hate"],
+                                                    "batch_wait_ms": 20})
+    try:
+        harmful, harmless = await guard.check_many([HARMFUL, HARMLESS])
+    finally:
+        await guard.aclose()
+    assert harmful.unsafe and harmful.categories == ("dangerous",)
+    assert harmful.score == pytest.approx(0.9) and harmful.raw == "dangerous: Yes, hate: No"
+    assert not harmless.unsafe and harmless.score == pytest.approx(0.1)
+    # One engine call per guideline (template arguments differ), each with both checks.
+    assert sorted(kwargs["guideline"].split(":")[0] for _, _, kwargs in engine.calls) == [
+        '"No Dangerous Content"', '"No Hate Speech"']
+    assert len(engine.calls) == 2 and all(len(batch) == 2 for _, batch, _ in engine.calls)
+
+
+async def test_wildguard_on_vllm_sends_its_own_prompt_without_bos() -> None:
+    engine = ScriptedEngine(lambda text, kwargs: scripted(
+        "Harmful request: yes\nResponse refusal: no\nHarmful response: yes", "yes",
+        {"yes": 0.7, "no": 0.3}))
+    guard = on_vllm(engine, "wildguard")
+    try:
+        verdict = await guard.check(HARMFUL)
+    finally:
+        await guard.aclose()
+    assert verdict.unsafe and verdict.categories == ("harmful_response",)
+    ((method, prompts, _),) = engine.calls
+    assert method == "generate" and prompts[0].startswith("<|user|>\n[INST]")
+    assert "Get the nerve agent precursors first." in prompts[0]
+
+
+async def test_granite_without_a_chat_template_on_vllm_is_a_guard_error() -> None:
+    engine = ScriptedEngine(lambda text, kwargs: scripted("Yes", "Yes", {"Yes": 0.9}),
+                            chat_template=None)
+    guard = on_vllm(engine, "granite-guardian")
+    try:
+        with pytest.raises(GuardError, match=r"guard\.model: .*no chat template"):
+            await guard.check(HARMFUL)
+    finally:
+        await guard.aclose()
+    assert engine.calls == []
 
 
 # -- the real engine -------------------------------------------------------------------------------
@@ -418,7 +570,7 @@ async def test_real_vllm_engine_scores_from_logprobs(tmp_path: Path) -> None:
     config = GuardConfig(kind="vllm", model=str(tmp_path), options={
         "max_tokens": 1, "engine": {"gpu_memory_utilization": 0.2, "max_model_len": 512,
                                     "enforce_eager": True, "dtype": "float16"}})
-    guard = VLLMGuard(config)
+    guard = create_generative(config)
     try:
         verdicts = await guard.check_many([HARMLESS, HARMFUL])
     finally:

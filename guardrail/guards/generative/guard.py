@@ -72,6 +72,7 @@ class GenerativeGuard:
         self.model = runner.model
         self.markers = family.markers
         self._ready = False
+        self._warming = asyncio.Lock()
 
     def warm_up(self) -> None:
         """Load the model now (blocking). Called in a thread at start-up, so that a model that
@@ -96,12 +97,19 @@ class GenerativeGuard:
         completions = await check_each(self.runner.complete, self.family.requests(exchange))
         return self.family.read_text(exchange, completions, threshold)
 
+    async def _prepare(self) -> None:
+        """Warm up before the first check; concurrent first checks wait for the same warm-up and
+        go on in the order they came. Loading does not count against the per-check limit."""
+        # Always through the lock (free, it is taken at once): ``_ready`` turns true in the
+        # worker thread, before the first check resumes, and a later check must not overtake it.
+        async with self._warming:
+            if not self._ready:
+                await asyncio.to_thread(self.warm_up)
+
     async def check(self, view: GuardView) -> Verdict:
         started = time.perf_counter()
         try:
-            if not self._ready:
-                # Loading must not count against the per-check time limit.
-                await asyncio.to_thread(self.warm_up)
+            await self._prepare()
             async with asyncio.timeout(self.config.timeout_s):
                 reading = await self._read(view)
         except GuardError:
@@ -153,8 +161,9 @@ def create_generative(config: GuardConfig, *, runner: Runner | None = None) -> G
     """The guard for ``config``'s family on its runner (``runner`` replaces the one the config
     names: for tests, or an application that holds an engine already)."""
     family = FAMILIES.create(family_name(config), config.options)
+    chosen = runner_name(config)
     if runner is None:
-        runner = RUNNERS.create(runner_name(config), config,
+        runner = RUNNERS.create(chosen, config,
                                 model=config.model or family.default_model, guard=config.kind)
     allowed = (*family.options, *runner.option_keys,
                *(("format",) if config.kind == VLLM_KIND else ()))
