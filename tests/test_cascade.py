@@ -16,8 +16,8 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, UnknownBackendError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView
-from guardrail.guards.cascade import CascadeGuard
 from guardrail.guards.capabilities import find_stats
+from guardrail.guards.cascade import CascadeGuard
 from guardrail.guards.plumbing.stats import GuardStatsCollector
 from tests.fakes import FakeOpenAIApp, create_fake_openai_app, serve_app
 from tests.fakes.judge import FakeJudge

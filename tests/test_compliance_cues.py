@@ -14,8 +14,8 @@ import pytest
 from guardrail.config import GuardConfig
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView, Verdict
-from guardrail.guards.plumbing.cues import ComplianceCueGuard, commits_to_help
 from guardrail.guards.embedded import EmbeddedGuard
+from guardrail.guards.plumbing.cues import ComplianceCueGuard, commits_to_help
 
 COMMITMENTS = [
     "I'll go ahead and lay out the steps for them.",

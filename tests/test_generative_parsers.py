@@ -11,14 +11,11 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView, Verdict
-from guardrail.guards.generative.runners.text import Completion, TokenLogprob, answer_probabilities
 from guardrail.guards.generative.families import Exchange, Reading
-from guardrail.guards.generative.guard import decide
 from guardrail.guards.generative.families.granite_guardian import guardian_config, risk_label
 from guardrail.guards.generative.families.granite_guardian import parse_output as parse_granite
 from guardrail.guards.generative.families.llama_guard import MARKERS as LLAMA_MARKERS
 from guardrail.guards.generative.families.llama_guard import build_messages, render_prompt
-from guardrail.guards.plumbing.neutralise import neutralise
 from guardrail.guards.generative.families.qwen3guard import counts_as_unsafe, unsafe_probability
 from guardrail.guards.generative.families.qwen3guard import parse_output as parse_qwen
 from guardrail.guards.generative.families.qwen3guard import render_prompt as render_qwen
@@ -33,6 +30,9 @@ from guardrail.guards.generative.families.wildguard import (
 )
 from guardrail.guards.generative.families.wildguard import parse_output as parse_wild
 from guardrail.guards.generative.families.wildguard import render_prompt as render_wild
+from guardrail.guards.generative.guard import decide
+from guardrail.guards.generative.runners.text import Completion, TokenLogprob, answer_probabilities
+from guardrail.guards.plumbing.neutralise import neutralise
 
 # -- Qwen3Guard ---------------------------------------------------------------------------------
 
