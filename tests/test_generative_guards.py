@@ -274,7 +274,7 @@ async def test_a_load_failure_during_a_check_is_a_guard_error(tmp_path: Path) ->
 # -- Llama Guard ---------------------------------------------------------------------------------
 
 
-def llama_table(guard: GenerativeGuard, view: GuardView, margin: float,
+def llama_table(guard: Any, view: GuardView, margin: float,
                 categories: str = "") -> dict[int, dict[int, float]]:
     """Next-token logits after the prompt: ``unsafe`` ahead of ``safe`` by ``margin``; after
     ``unsafe\\n``, the tokens of ``categories``."""
@@ -344,7 +344,7 @@ def test_llama_guard_without_url_runs_in_process(model_dir: Callable[[str], Path
 # -- Qwen3Guard ----------------------------------------------------------------------------------
 
 
-def qwen_table(guard: GenerativeGuard, view: GuardView, logits: dict[str, float],
+def qwen_table(guard: Any, view: GuardView, logits: dict[str, float],
                categories: str = " Violent, PII") -> dict[int, dict[int, float]]:
     """After ``Safety:``, the three severities with these logits; after ``Categories:``,
     ``categories`` (both end in ``:``, one table row: the categories' first token gets a
@@ -407,7 +407,7 @@ def test_qwen3guard_prompt_ends_where_the_answer_starts(model_dir: Callable[[str
 # -- WildGuard -----------------------------------------------------------------------------------
 
 
-def wildguard_table(guard: GenerativeGuard, view: GuardView) -> dict[int, dict[int, float]]:
+def wildguard_table(guard: Any, view: GuardView) -> dict[int, dict[int, float]]:
     """The model writes ``Harmful request: yes / Response refusal: no / Harmful response: yes``,
     with P(yes) = sigmoid(4) for the request and sigmoid(1) for the response."""
     runner = guard.runner

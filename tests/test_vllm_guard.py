@@ -121,8 +121,9 @@ class FakeEngine:
     def get_tokenizer(self) -> Any:
         return SimpleNamespace(chat_template=self.chat_template)
 
-    def chat(self, messages: Any, sampling_params: Any = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(self, messages: Any, sampling_params: Any = None, use_tqdm: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        assert chat_template_kwargs is None  # Llama Guard's template takes none
         self.calls.append((messages, sampling_params))
         return self._answer([conversation[-1]["content"] for conversation in messages])
 
@@ -266,6 +267,7 @@ async def test_checks_are_judged_and_batched_in_one_engine_call() -> None:
     assert [verdict.unsafe for verdict in verdicts] == [False, True, False, True]
     assert verdicts[1].categories == ("S9",) and verdicts[1].score == pytest.approx(0.97)
     assert verdicts[0].score == pytest.approx(0.02)
+    assert isinstance(guard.runner, VLLMRunner)
     assert len(engine.calls) == 1 and guard.runner.batches == 1
     conversations, sampling = engine.calls[0]
     assert conversations == build_conversations(views)

@@ -50,9 +50,9 @@ async def warm_up(guard: Guard) -> None:
         await asyncio.to_thread(guard.warm_up)
 
 
-def find_stats(guard: Guard) -> HasStats | None:
+def find_stats(guard: object) -> HasStats | None:
     """The guard itself, or the guard it wraps (``inner``), if it keeps counters."""
-    current: Guard | None = guard
+    current: object = guard
     for _ in range(8):  # wrappers are shallow; the bound only guards against a cycle
         if current is None:
             return None
