@@ -46,6 +46,20 @@ class Verdict:
 
 SAFE = Verdict(unsafe=False)
 
+
+def decided_verdict(*, unsafe: bool, text_unsafe: bool, categories: tuple[str, ...],
+                    score: float | None, raw: str | None, latency_s: float,
+                    extra: dict[str, str]) -> Verdict:
+    """A verdict that a threshold (or a rule) decided where the model's own words may say
+    otherwise: the audit log keeps those words (``text_verdict``, ``text_categories``), and
+    categories belong to an unsafe verdict only."""
+    if unsafe != text_unsafe:
+        extra["text_verdict"] = "unsafe" if text_unsafe else "safe"
+    if categories and not unsafe:
+        extra["text_categories"] = ",".join(categories)
+    return Verdict(unsafe=unsafe, categories=categories if unsafe else (), score=score, raw=raw,
+                   latency_s=latency_s, extra=extra)
+
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.events import Channel
-from guardrail.guards.base import GuardView, Verdict, check_each
+from guardrail.guards.base import GuardView, Verdict, check_each, decided_verdict
 from guardrail.guards.generative.families.llama_guard import CATEGORIES
 
 # Must be set before litellm is first imported (it would fetch its price map from GitHub).
@@ -393,18 +393,9 @@ class LLMJudgeGuard:
         extra = {"model": self.model, "decided_by": decided_by, "channel": view.channel}
         if judgement.reason:
             extra["reason"] = judgement.reason
-        if unsafe != judgement.unsafe:
-            extra["text_verdict"] = "unsafe" if judgement.unsafe else "safe"
-        if judgement.categories and not unsafe:
-            extra["text_categories"] = ",".join(judgement.categories)
-        return Verdict(
-            unsafe=unsafe,
-            categories=judgement.categories if unsafe else (),
-            score=judgement.score,
-            raw=text,
-            latency_s=time.perf_counter() - started,
-            extra=extra,
-        )
+        return decided_verdict(unsafe=unsafe, text_unsafe=judgement.unsafe,
+                               categories=judgement.categories, score=judgement.score, raw=text,
+                               latency_s=time.perf_counter() - started, extra=extra)
 
     async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
         """Concurrently (at most ``options.max_concurrency`` at once); every call finishes

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
-from guardrail.guards.base import GuardView, Verdict, check_each
+from guardrail.guards.base import GuardView, Verdict, check_each, decided_verdict
 from guardrail.guards.generative.families import FAMILIES, Exchange, Family, Reading
 from guardrail.guards.generative.families.base import check_options
 from guardrail.guards.generative.runners import RUNNERS, Runner
@@ -32,6 +32,7 @@ VLLM_KIND = "vllm"
 
 
 def decide(reading: Reading, threshold: float, latency_s: float, model: str) -> Verdict:
+    """The verdict of a reading: its score against the threshold, or its text without one."""
     extra = {"model": model, **reading.extra}
     if reading.score is None:
         unsafe = reading.text_unsafe
@@ -41,19 +42,9 @@ def decide(reading: Reading, threshold: float, latency_s: float, model: str) -> 
         score = min(1.0, max(0.0, reading.score))
         unsafe = score >= threshold
         extra["score_source"] = reading.score_source
-    if unsafe != reading.text_unsafe:
-        # Kept so the audit log shows where the threshold overrode the model's own words.
-        extra["text_verdict"] = "unsafe" if reading.text_unsafe else "safe"
-    if reading.categories and not unsafe:
-        extra["text_categories"] = ",".join(reading.categories)
-    return Verdict(
-        unsafe=unsafe,
-        categories=reading.categories if unsafe else (),
-        score=score,
-        raw=reading.raw,
-        latency_s=latency_s,
-        extra=extra,
-    )
+    return decided_verdict(unsafe=unsafe, text_unsafe=reading.text_unsafe,
+                           categories=reading.categories, score=score, raw=reading.raw,
+                           latency_s=latency_s, extra=extra)
 
 
 class GenerativeGuard:
