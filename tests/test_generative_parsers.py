@@ -11,6 +11,7 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView, Verdict
+from guardrail.guards.generative import create_generative
 from guardrail.guards.generative.families import Exchange, Reading
 from guardrail.guards.generative.families.granite_guardian import guardian_config, risk_label
 from guardrail.guards.generative.families.granite_guardian import parse_output as parse_granite
@@ -31,7 +32,9 @@ from guardrail.guards.generative.families.wildguard import (
 from guardrail.guards.generative.families.wildguard import parse_output as parse_wild
 from guardrail.guards.generative.families.wildguard import render_prompt as render_wild
 from guardrail.guards.generative.guard import decide
+from guardrail.guards.generative.runners.endpoint import GuardEndpoint
 from guardrail.guards.generative.runners.text import Completion, TokenLogprob, answer_probabilities
+from guardrail.guards.generative.runners.transformers import HFRunner
 from guardrail.guards.plumbing.neutralise import neutralise
 
 # -- Qwen3Guard ---------------------------------------------------------------------------------
@@ -307,3 +310,25 @@ def test_option_values_are_validated() -> None:
         build_guard(GuardConfig(kind="wildguard", options={"batch_size": 0}))
     with pytest.raises(ConfigError, match=r"guard\.options\.dtype"):
         build_guard(GuardConfig(kind="shieldgemma", options={"dtype": "int3"}))
+
+
+def test_the_runner_is_chosen_by_config() -> None:
+    assert isinstance(create_generative(GuardConfig(kind="qwen3guard")).runner, HFRunner)
+    served = create_generative(GuardConfig(kind="qwen3guard", url="http://127.0.0.1:9/v1"))
+    assert isinstance(served.runner, GuardEndpoint)  # built; nothing connects before a check
+    explicit = create_generative(GuardConfig(kind="shieldgemma", runner="transformers"))
+    assert isinstance(explicit.runner, HFRunner) and explicit.name == "shieldgemma"
+    with pytest.raises(ConfigError, match=r"^guard\.url: the transformers runner"):
+        create_generative(GuardConfig(kind="wildguard", runner="transformers",
+                                      url="http://127.0.0.1:9/v1"))
+    with pytest.raises(ConfigError, match=r"^guard\.url: the granite-guardian guard needs"):
+        create_generative(GuardConfig(kind="granite-guardian", runner="endpoint"))
+
+
+def test_a_runner_for_a_guard_that_takes_none_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^guard\.runner: only the generative guards"):
+        build_guard(GuardConfig(kind="embedded", runner="vllm"))
+    with pytest.raises(ConfigError, match=r"^guard\.runner: kind vllm"):
+        build_guard(GuardConfig(kind="vllm", runner="transformers"))
+    with pytest.raises(ConfigError, match=r"^guard\.options\.format: not an option"):
+        build_guard(GuardConfig(kind="qwen3guard", options={"format": "llama-guard"}))

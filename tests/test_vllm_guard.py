@@ -349,6 +349,8 @@ def test_without_vllm_the_error_says_how_to_install_it() -> None:
     with pytest.raises(ConfigError, match=re.escape(INSTALL_HINT)) as caught:
         create_generative(GuardConfig(kind="vllm"))
     assert str(caught.value).startswith("guard.kind: ")
+    with pytest.raises(ConfigError, match=r"^guard\.runner: .*" + re.escape(INSTALL_HINT)):
+        create_generative(GuardConfig(kind="shieldgemma", runner="vllm"))
 
 
 # -- every family on the vllm runner ---------------------------------------------------------------

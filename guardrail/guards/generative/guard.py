@@ -63,7 +63,7 @@ class GenerativeGuard:
         self.model = runner.model
         self.markers = family.markers
         self._ready = False
-        self._warming = asyncio.Lock()
+        self._warming: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     def warm_up(self) -> None:
         """Load the model now (blocking). Called in a thread at start-up, so that a model that
@@ -93,7 +93,11 @@ class GenerativeGuard:
         go on in the order they came. Loading does not count against the per-check limit."""
         # Always through the lock (free, it is taken at once): ``_ready`` turns true in the
         # worker thread, before the first check resumes, and a later check must not overtake it.
-        async with self._warming:
+        # One lock per event loop, as an asyncio.Lock belongs to the loop it first waited in.
+        loop = asyncio.get_running_loop()
+        if self._warming is None or self._warming[0] is not loop:
+            self._warming = (loop, asyncio.Lock())
+        async with self._warming[1]:
             if not self._ready:
                 await asyncio.to_thread(self.warm_up)
 

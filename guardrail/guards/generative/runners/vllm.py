@@ -103,11 +103,11 @@ def has_chat_template(engine: ChatEngine) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _import_vllm() -> Any:
+def _import_vllm(field: str) -> Any:
     try:
         import vllm
     except ImportError as error:
-        raise ConfigError(f"guard.kind: the vllm runner needs vLLM, which is not installed "
+        raise ConfigError(f"{field}: the vllm runner needs vLLM, which is not installed "
                           f"({error}); {INSTALL_HINT}") from None
     return vllm
 
@@ -174,7 +174,9 @@ class VLLMRunner:
         self.guard = guard
         self.options = parse_options({key: value for key, value in config.options.items()
                                       if key in VLLM_OPTIONS})
-        self._vllm: Any = None if engine is not None else _import_vllm()
+        # Named by the field that chose vLLM: guard.kind (vllm) or guard.runner.
+        field = "guard.kind" if config.kind == "vllm" else "guard.runner"
+        self._vllm: Any = None if engine is not None else _import_vllm(field)
         self._engine = engine
         self._closed = False
         self._load_lock = threading.Lock()
