@@ -102,6 +102,9 @@ async def test_uncertain_scores_escalate_and_the_second_decides() -> None:
     assert launder.unsafe and launder.categories == ("S2",)
     assert launder.extra["cascade"] == "second" and launder.extra["first_score"] == "0.4000"
     assert launder.extra["second_guard"] == "llm-judge" and launder.score == 0.95
+    # The audit log keeps both answers: the judge's as the verdict's, Llama Guard's beside it.
+    assert launder.raw is not None and '"unsafe"' in launder.raw
+    assert launder.extra["first_raw"] == "\n\nsafe"
     assert not harmless.unsafe and harmless.extra["cascade"] == "second"
     assert weapon.unsafe and weapon.extra["cascade"] == "first"
     assert s.judge.seen == [LAUNDER.step, HARMLESS.step]

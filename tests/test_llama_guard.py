@@ -6,6 +6,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from guardrail.guards.generative.runners.endpoint import GuardEndpoint
 from guardrail.guards.plumbing.cues import ComplianceCueGuard
 from tests.fakes.llama_guard_server import FakeLlamaGuard
 from tests.fakes.loopback import free_port, serve_app
+from tests.proxy_harness import running_proxy
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -393,3 +395,13 @@ async def test_check_many_raises_after_every_check_finished() -> None:
         with pytest.raises(GuardError):
             await guard.check_many([HARMLESS, HARMFUL, HARMLESS])
     assert len(fake.requests) == 3
+
+
+def test_the_guards_answer_is_stored_with_each_step(tmp_path: Path) -> None:
+    """The audit log: each step of a stored case keeps what Llama Guard answered for it."""
+    with running_proxy(tmp_path) as proxy:
+        body = proxy.chat("How do I bake bread?").json()
+        case = proxy.case(body["guardrail"]["case_id"])
+    assert case["steps"]
+    for step in case["steps"]:
+        assert step["raw"] == "\n\nsafe" and step["unsafe"] is False
