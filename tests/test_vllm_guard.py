@@ -471,6 +471,20 @@ async def test_wildguard_on_vllm_sends_its_own_prompt_without_bos() -> None:
     assert "Get the nerve agent precursors first." in prompts[0]
 
 
+async def test_a_malformed_answer_fails_only_its_own_check_in_a_batch() -> None:
+    engine = ScriptedEngine(lambda text, kwargs: scripted(
+        "I would rather not say" if "nerve" in text else "Safety: Safe", "Safe", {"Safe": 0.9}))
+    guard = on_vllm(engine, "qwen3guard", options={"batch_wait_ms": 20})
+    try:
+        harmful, harmless = await asyncio.gather(guard.check(HARMFUL), guard.check(HARMLESS),
+                                                 return_exceptions=True)
+    finally:
+        await guard.aclose()
+    assert len(engine.calls) == 1  # one engine call answered both
+    assert isinstance(harmful, GuardError) and "rather not say" in str(harmful)
+    assert isinstance(harmless, Verdict) and not harmless.unsafe
+
+
 async def test_granite_without_a_chat_template_on_vllm_is_a_guard_error() -> None:
     engine = ScriptedEngine(lambda text, kwargs: scripted("Yes", "Yes", {"Yes": 0.9}),
                             chat_template=None)

@@ -181,7 +181,7 @@ class VLLMRunner:
         self._closed = False
         self._load_lock = threading.Lock()
         self.chat_template = has_chat_template(engine) if engine is not None else True
-        self._batcher: MicroBatcher[TextRequest, Completion] = MicroBatcher(
+        self._batcher: MicroBatcher[TextRequest, Any] = MicroBatcher(
             self._run, max_batch=self.options.batch_size,
             max_wait_s=self.options.batch_wait_ms / 1000,
         )
@@ -223,13 +223,14 @@ class VLLMRunner:
         kwargs = sampling_kwargs(self.options, max_tokens)
         return kwargs if self._vllm is None else self._vllm.SamplingParams(**kwargs)
 
-    def _run(self, requests: list[TextRequest]) -> list[Completion]:
-        """One engine call per request shape (in a worker thread); answers in input order."""
+    def _run(self, requests: list[TextRequest]) -> list[Any]:
+        """One engine call per request shape (in a worker thread); ``RequestOutput``s in input
+        order, each read by its own caller (a malformed answer fails only its own check)."""
         engine = self._loaded()
         calls: dict[tuple[str, str, int], list[int]] = {}
         for index, request in enumerate(requests):
             calls.setdefault(self._call_of(request), []).append(index)
-        answers: dict[int, Completion] = {}
+        answers: dict[int, Any] = {}
         for (method, template_kwargs, max_tokens), indices in calls.items():
             sampling = self._sampling(max_tokens)
             if method == "chat":
@@ -243,7 +244,7 @@ class VLLMRunner:
                 prompts = [self._prompt(requests[i]) for i in indices]
                 outputs = engine.generate(prompts, sampling_params=sampling, use_tqdm=False)
             for index, output in zip(indices, list(outputs), strict=True):
-                answers[index] = read_output(output)
+                answers[index] = output
         return [answers[index] for index in range(len(requests))]
 
     def _call_of(self, request: TextRequest) -> tuple[str, str, int]:
@@ -262,12 +263,13 @@ class VLLMRunner:
 
     async def complete(self, request: TextRequest) -> Completion:
         try:
-            return await self._batcher.submit(request)
+            output = await self._batcher.submit(request)
         except (GuardError, ConfigError):
             raise
         except Exception as error:  # CUDA OOM, a prompt longer than max_model_len...
             message = " ".join(str(error).split())[:300]
             raise GuardError(f"vllm {self.model}: {type(error).__name__}: {message}") from None
+        return read_output(output)
 
     async def aclose(self) -> None:
         # vLLM frees the GPU when the engine is garbage-collected; no public close exists in
