@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from guardrail.guards.cues import commits_to_help
+from guardrail.guards.plumbing.cues import commits_to_help
 
 _WONT = (r"(?:can(?:no|')t|cannot|can\ not|won't|will\ not|am\ not\ able\ to|'m\ not\ able\ to"
          r"|am\ unable\ to|'m\ unable\ to|shouldn't|should\ not|must\ not|mustn't|do\ not"
