@@ -9,6 +9,7 @@ for a while sent both with the same text: one is taken, never both), or inline i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from guardrail.errors import UpstreamStreamBroken
@@ -36,7 +37,14 @@ def stream_error_message(chunk: dict[str, Any]) -> str | None:
 
 
 class ChunkMapper:
-    """Stateful, one per response. ``feed`` each chunk, then ``end`` when the stream ends."""
+    """Stateful, one per response. ``feed`` each chunk, then ``end`` when the stream ends.
+
+    Chunks of any shape: what has a clear meaning is taken (``choices`` null or missing on a
+    usage-only chunk, ``delta`` or ``usage`` null, an empty object, a list of text parts where
+    text belongs, ``finish_reason: ""`` on a chunk that does not finish); anything else raises
+    :class:`UpstreamStreamBroken` naming the field, which the proxy turns into a clean error.
+    The checks are exact-type tests on the fields read, cheap enough for every chunk.
+    """
 
     def __init__(self, think_start: ThinkStart = "auto", *, keep_extra: bool = True) -> None:
         self._parser = InlineThinkParser(think_start)
@@ -47,6 +55,10 @@ class ChunkMapper:
         self.finished = False
 
     def feed(self, chunk: dict[str, Any]) -> list[UpstreamEvent]:
+        if not chunk:
+            # An empty object says nothing (a gateway's keep-alive); it must not stand in for
+            # the first chunk, whose id and model the response adopts.
+            return []
         message = stream_error_message(chunk)
         if message is not None:
             raise UpstreamStreamBroken(f"upstream error inside the stream: {message}")
@@ -55,14 +67,27 @@ class ChunkMapper:
             self._meta_sent = True
             events.append(self._meta(chunk))
         choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                # n > 1 is not guarded: only the first choice is followed.
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    self._feed_choice(choice, events)
-                    break
+        if choices.__class__ is list:
+            for position, choice in enumerate(choices):
+                if choice.__class__ is not dict:
+                    raise _malformed(f"choices[{position}]", choice, "an object")
+                index = choice.get("index")
+                if index is not None and index != 0:
+                    if index.__class__ is not int:
+                        raise _malformed(f"choices[{position}].index", index, "an integer")
+                    # The proxy asks for one choice (it refuses n > 1), so another one is text
+                    # it did not ask for and can neither guard nor deliver; and a server that
+                    # numbers from 1 would otherwise end in an empty answer, unexplained.
+                    raise UpstreamStreamBroken(
+                        f"upstream sent choice index {index}; the proxy asks for one choice "
+                        "(n=1) and follows index 0 only")
+                self._feed_choice(choice, position, events)
+        elif choices is not None:  # null or missing: a usage-only (or metadata) chunk
+            raise _malformed("choices", choices, "a list")
         usage = chunk.get("usage")
-        if isinstance(usage, dict) and usage:
+        # A usage that is not an object is dropped, not an error: it says nothing about the
+        # text, and it comes last, after an answer that is complete and judged.
+        if usage.__class__ is dict and usage:
             events.append(Usage(dict(usage)))
         return events
 
@@ -76,7 +101,6 @@ class ChunkMapper:
         return events
 
     def _meta(self, chunk: dict[str, Any]) -> ResponseMeta:
-        created = chunk.get("created")
         extra = (
             {key: value for key, value in chunk.items() if key not in _KNOWN_TOP_LEVEL}
             if self._keep_extra
@@ -85,29 +109,93 @@ class ChunkMapper:
         return ResponseMeta(
             id=_str_or_none(chunk.get("id")),
             model=_str_or_none(chunk.get("model")),
-            created=int(created) if isinstance(created, int | float) else None,
+            created=_timestamp(chunk.get("created")),
             system_fingerprint=_str_or_none(chunk.get("system_fingerprint")),
             extra=extra,
         )
 
-    def _feed_choice(self, choice: dict[str, Any], events: list[UpstreamEvent]) -> None:
+    def _feed_choice(self, choice: dict[str, Any], position: int,
+                     events: list[UpstreamEvent]) -> None:
         delta = choice.get("delta")
-        if isinstance(delta, dict):
+        if delta.__class__ is dict:
             reasoning = delta.get("reasoning")
-            if not isinstance(reasoning, str) or not reasoning:
+            if reasoning.__class__ is not str:
+                reasoning = _text(reasoning, position, "reasoning", answer=False)
+            if not reasoning:
+                # vLLM sent both fields with the same text for a while: one is taken, never both.
                 reasoning = delta.get("reasoning_content")
-            if isinstance(reasoning, str) and reasoning:
+                if reasoning.__class__ is not str:
+                    reasoning = _text(reasoning, position, "reasoning_content", answer=False)
+            if reasoning:
                 events.extend(self._parser.saw_reasoning_field())
                 events.append(TextDelta("reasoning", reasoning))
             content = delta.get("content")
-            if isinstance(content, str) and content:
+            if content.__class__ is not str:
+                content = _text(content, position, "content", answer=True)
+            if content:
                 events.extend(self._parser.feed(content))
+        elif delta is not None:  # null or missing: no text (a chunk that only finishes)
+            raise _malformed(f"choices[{position}].delta", delta, "an object")
         reason = choice.get("finish_reason")
-        if reason is not None and not self.finished:
-            self.finish_reason = str(reason)
-            events.extend(self._parser.finish())
-            events.append(Finish(self.finish_reason))
-            self.finished = True
+        if reason is not None:
+            if reason.__class__ is not str:
+                raise _malformed(f"choices[{position}].finish_reason", reason, "a string")
+            # "" is how some servers say "not yet"; only a named reason ends the response.
+            if reason and not self.finished:
+                self.finish_reason = reason
+                events.extend(self._parser.finish())
+                events.append(Finish(reason))
+                self.finished = True
+
+
+def _text(value: Any, position: int, field: str, *, answer: bool) -> str:
+    """The text of a delta field that is not a plain string: null is no text, a list of parts
+    is joined; anything else is malformed.
+
+    A number (or a boolean, or an object) is rejected rather than stringified: no server sends
+    one for text, so it means a broken server or gateway, and its string form may not be what
+    the model wrote (``1e3``, ``007``, ``true``); the guard would judge, and the client read,
+    text the model never produced.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):  # a subclass of str (a library's own string type)
+        return str(value)
+    path = f"choices[{position}].delta.{field}"
+    if value.__class__ is not list:
+        raise _malformed(path, value, "a string")
+    texts: list[str] = []
+    for number, part in enumerate(value):
+        if part.__class__ is str:
+            texts.append(part)
+            continue
+        if part.__class__ is dict:
+            text = part.get("text")
+            # In the answer only a text part is text: another type (an image, or a "thinking"
+            # part) must not reach the client as the answer.
+            if text.__class__ is str and (not answer or part.get("type", "text") == "text"):
+                texts.append(text)
+                continue
+            kind = part.get("type")
+            raise UpstreamStreamBroken(
+                f"upstream sent a malformed chunk: {path}[{number}] is a part "
+                f"{'of type ' + repr(kind) + ' ' if kind is not None else ''}"
+                "that is not text")
+        raise _malformed(f"{path}[{number}]", part, "a string or a text part")
+    return "".join(texts)
+
+
+def _malformed(path: str, value: Any, wanted: str) -> UpstreamStreamBroken:
+    return UpstreamStreamBroken(
+        f"upstream sent a malformed chunk: {path} is {type(value).__name__}, not {wanted}")
+
+
+def _timestamp(value: Any) -> int | None:
+    if value.__class__ is int:
+        return int(value)
+    if value.__class__ is float and math.isfinite(value):
+        return int(value)
+    return None  # a string, NaN (Python's JSON reader accepts it), anything else
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -222,9 +222,12 @@ class OpenAICompatibleUpstream:
             done = False
             async with aclosing(_sse_payloads(response)) as payloads:
                 async for payload in payloads:
-                    if payload.strip() == "[DONE]":
+                    stripped = payload.strip()
+                    if stripped == "[DONE]":
                         done = True
                         break
+                    if not stripped:
+                        continue  # an event of blank data: nothing to read, like a keep-alive
                     chunk = _parse_chunk(payload)
                     for event in mapper.feed(adapt(chunk) if adapt else chunk):
                         yield event
@@ -278,10 +281,11 @@ class OpenAICompatibleUpstream:
         choices = completion.get("choices")
         as_chunk = dict(completion)
         if isinstance(choices, list):
+            # Odd choices pass through as they are, for the mapper to judge.
             as_chunk["choices"] = [
-                {**choice, "delta": choice.get("message") or {}}
+                {**choice, "delta": choice.get("message")} if isinstance(choice, dict)
+                else choice
                 for choice in choices
-                if isinstance(choice, dict)
             ]
         return [*mapper.feed(as_chunk), *mapper.end()]
 
@@ -356,8 +360,13 @@ def _parse_chunk(payload: str) -> dict[str, Any]:
         chunk = json.loads(payload)
     except json.JSONDecodeError as error:
         raise UpstreamStreamBroken(f"upstream sent a malformed chunk: {payload[:200]!r}") from error
-    if not isinstance(chunk, dict):
-        raise UpstreamStreamBroken(f"upstream sent a non-object chunk: {payload[:200]!r}")
+    except RecursionError as error:
+        raise UpstreamStreamBroken(
+            f"upstream sent a chunk nested too deep to read: {payload[:80]!r}") from error
+    if chunk.__class__ is not dict:
+        raise UpstreamStreamBroken(
+            f"upstream sent a chunk that is not an object ({type(chunk).__name__}): "
+            f"{payload[:200]!r}")
     return chunk
 
 
@@ -366,9 +375,10 @@ def _completion_chunk_as_chat(chunk: dict[str, Any]) -> dict[str, Any]:
     choices = chunk.get("choices")
     if not isinstance(choices, list):
         return chunk
-    converted = []
-    for choice in choices:
-        if isinstance(choice, dict):
-            delta = {"content": choice.get("text") or ""}
-            converted.append({**choice, "delta": delta})
+    # Odd choices (and an odd ``text``) pass through as they are, for the mapper to judge.
+    converted = [
+        {**choice, "delta": {"content": choice.get("text")}} if isinstance(choice, dict)
+        else choice
+        for choice in choices
+    ]
     return {**chunk, "choices": converted}

@@ -38,5 +38,6 @@ class SSEDecoder:
             return None
         payload = "\n".join(self._data)
         self._data = []
-        return payload
+        # The SSE rules dispatch nothing for empty data (``data:`` then a blank line).
+        return payload or None
 

@@ -31,7 +31,13 @@ API
     ``keepalive_every``           an SSE comment (``: keep-alive``) every N events;
     ``write_bytes``               re-split the byte stream into writes of N bytes, so events
                                   (and UTF-8 characters) straddle network chunks;
-    ``http_status``, ``error_message``   answer with an OpenAI-shaped HTTP error instead.
+    ``http_status``, ``error_message``   answer with an OpenAI-shaped HTTP error instead;
+    ``chunks``                    send exactly these payloads instead of the scripted text, each
+                                  as one ``data:`` event, then ``[DONE]``: a ``str`` is sent as
+                                  the raw data text (so it may be anything: ``'"a string"'``,
+                                  ``'[1, 2]'``, ``'{}'``), any other value is JSON-encoded (odd
+                                  chunk shapes; the other fields above still apply to the
+                                  sending: pacing, ``write_bytes``, keep-alives).
 
 ``responder`` is ``Callable[[dict], FakeReply]``: choose the reply from the request body (e.g.
 a continuation when ``continue_final_message`` is set). Without either, a default reply is used.
@@ -100,6 +106,7 @@ class FakeReply:
     write_bytes: int | None = None
     http_status: int | None = None
     error_message: str = "simulated upstream error"
+    chunks: tuple[Any, ...] | None = None
 
 
 @dataclass
@@ -379,6 +386,9 @@ class _Stream:
 
     def _events(self) -> list[str]:
         reply = self.reply
+        if reply.chunks is not None:
+            return [f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
+                    for chunk in reply.chunks]
         fmt = reply.reasoning_format
         events = [self._chunk({"role": "assistant", "content": ""})]
         content = reply.answer
