@@ -165,23 +165,82 @@ SHAPES: dict[str, tuple[tuple[Any, ...], Forwarded | Broken]] = {
 }
 
 
+# LiteLLM reads the provider's stream itself and hands the upstream its own chunk objects, so
+# some shapes end differently there: its reader fails on them first (a clean error all the same,
+# with LiteLLM's message), or it copes in its own way.
+LITELLM_FAILS_FIRST = Broken("")
+LITELLM: dict[str, Forwarded | Broken] = {
+    "empty-data-event": LITELLM_FAILS_FIRST,  # the OpenAI SDK's SSE reader parses "" as JSON
+    "delta-a-string": LITELLM_FAILS_FIRST,
+    "chunk-a-json-array": LITELLM_FAILS_FIRST,
+    "chunk-a-json-string": LITELLM_FAILS_FIRST,
+    "chunk-a-json-number": LITELLM_FAILS_FIRST,
+    "chunk-nested-too-deep": LITELLM_FAILS_FIRST,
+    "choices-a-dict": LITELLM_FAILS_FIRST,
+    "choices-a-string": LITELLM_FAILS_FIRST,
+    "choice-a-string": LITELLM_FAILS_FIRST,
+    "choice-null": LITELLM_FAILS_FIRST,
+    "finish-reason-an-object": Broken("", after_answer=True),
+    # LiteLLM renames vLLM's ``reasoning`` to ``reasoning_content``.
+    "reasoning-a-number": Broken("choices[0].delta.reasoning_content is float"),
+    "reasoning-list-holding-a-number": Broken("choices[0].delta.reasoning_content[1] is int"),
+    "chunk-null": Forwarded(),  # skipped, as an empty object is
+    "finish-reason-a-number": Forwarded(),  # "Unmapped finish_reason '1', defaulting to 'stop'"
+}
+LITELLM_LOSES_CONTENT = pytest.mark.xfail(
+    strict=True, reason="LiteLLM drops a delta.content that is not a string before the upstream "
+    "sees the chunk: the answer is lost without an error (LiteLLM's behaviour, not ours)")
+LITELLM_MARKS = {shape: [LITELLM_LOSES_CONTENT] for shape in (
+    "content-list-of-text-parts", "content-a-number", "content-an-object",
+    "content-part-of-another-type")}
+
+
+def responder(body: dict[str, Any]) -> FakeReply:
+    """The user's message names the shape the fake sends."""
+    return FakeReply(chunks=SHAPES[body["messages"][-1]["content"]][0])
+
+
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    """One proxy for the table: the user's message names the shape the fake sends."""
-
-    def respond(body: dict[str, Any]) -> FakeReply:
-        return FakeReply(chunks=SHAPES[body["messages"][-1]["content"]][0])
-
-    upstream = create_fake_openai_app(responder=respond)
+    """One proxy (the openai upstream) for the table."""
+    upstream = create_fake_openai_app(responder=responder)
     with running_proxy(tmp_path_factory.mktemp("shapes"), guard="none",
                        upstream_app=upstream) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def litellm_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """One proxy with the litellm upstream (``openai/`` provider) for the table."""
+    upstream = create_fake_openai_app(responder=responder)
+    overrides = {"upstream": {"kind": "litellm", "model": "openai/fake-model",
+                              "api_key": "sk-fake"}}
+    with running_proxy(tmp_path_factory.mktemp("litellm-shapes"), guard="none",
+                       upstream_app=upstream, overrides=overrides) as running:
         yield running
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_odd_chunk_shape(proxy: Proxy, shape: str, stream: bool) -> None:
-    expected = SHAPES[shape][1]
+    check_shape(proxy, shape, stream, SHAPES[shape][1], exact_usage=True)
+
+
+# LiteLLM's pydantic types warn when they serialise a field of an odd type; here (where warnings
+# are errors, in the proxy's thread too) that would stand in for what LiteLLM does in service.
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("shape", [pytest.param(shape, marks=LITELLM_MARKS.get(shape, []))
+                                   for shape in SHAPES])
+def test_odd_chunk_shape_through_litellm(litellm_proxy: Proxy, shape: str, stream: bool) -> None:
+    # LiteLLM counts usage itself when the server sends none (or none it can read).
+    check_shape(litellm_proxy, shape, stream, LITELLM.get(shape, SHAPES[shape][1]),
+                exact_usage=False)
+
+
+def check_shape(proxy: Proxy, shape: str, stream: bool, expected: Forwarded | Broken, *,
+                exact_usage: bool) -> None:
+    """Send the shape, streamed or not; check what the client gets and the stored case."""
     if stream:
         response, raw = proxy.stream_raw(shape, stream_options={"include_usage": True})
     else:
@@ -222,6 +281,9 @@ def test_odd_chunk_shape(proxy: Proxy, shape: str, stream: bool) -> None:
         assert body["choices"][0]["finish_reason"] == "stop"
         usage = body.get("usage")
         summary = body["guardrail"]
-    assert usage == (USAGE if expected.usage else None)
+    if exact_usage:
+        assert usage == (USAGE if expected.usage else None)
+    else:
+        assert usage["total_tokens"] > 0
     case = stored_case(proxy, summary["case_id"])
     assert case["action"] == "pass" and case["error"] is None

@@ -117,6 +117,10 @@ def _chunk_as_dict(chunk: Any) -> dict[str, Any]:
         dumped = usage.model_dump(exclude_none=True) if hasattr(usage, "model_dump") else usage
         if isinstance(dumped, dict):
             result["usage"] = dumped
+    elif not choices:
+        # Nothing to read (the server sent ``{}`` or a bare object): LiteLLM still makes a
+        # chunk of it, with an id of its own that must not stand in for the server's.
+        return {}
     return result
 
 
