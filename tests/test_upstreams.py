@@ -36,6 +36,7 @@ from guardrail.events import (
 from guardrail.reasoning import resolve_held
 from guardrail.upstreams import build_upstream
 from guardrail.upstreams.base import ChatRequest
+from guardrail.upstreams.chunks import ChunkMapper
 from guardrail.upstreams.demo import (
     DEMO_MODEL,
     DEMO_PROMPTS,
@@ -513,6 +514,111 @@ def test_sse_decoder() -> None:
     assert decoder.flush() is None
 
 
+def test_sse_decoder_dispatches_nothing_for_empty_data() -> None:
+    # The SSE rules: "data:" alone then a blank line is no event.
+    decoder = SSEDecoder()
+    assert [decoder.feed_line(line) for line in ["data:", ""]] == [None, None]
+    assert [decoder.feed_line(line) for line in ["data: ", "data: ", ""]] == [None, None, "\n"]
+
+
+# -- ChunkMapper on odd shapes (tests/test_upstream_chunk_shapes.py: the same through the proxy) --
+
+
+def odd_chunk(delta: Any = None, finish: Any = None, **fields: Any) -> dict[str, Any]:
+    return {"id": "c-1", "model": "m", "created": 5,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **fields}
+
+
+def test_chunk_mapper_skips_an_empty_object_and_takes_meta_from_the_next_chunk() -> None:
+    mapper = ChunkMapper()
+    assert mapper.feed({}) == []
+    assert mapper.feed(odd_chunk({"role": "assistant"})) == [
+        ResponseMeta(id="c-1", model="m", created=5, extra={})]
+
+
+@pytest.mark.parametrize("created", [float("nan"), float("inf"), "5", None])
+def test_chunk_mapper_ignores_a_creation_time_that_is_no_timestamp(created: Any) -> None:
+    assert ChunkMapper().feed(odd_chunk(created=created))[0] == ResponseMeta(
+        id="c-1", model="m", created=None, extra={})
+
+
+def test_chunk_mapper_joins_lists_of_text_parts() -> None:
+    mapper = ChunkMapper()
+    events = mapper.feed(odd_chunk({"reasoning": ["a ", {"type": "reasoning_text", "text": "b "}],
+                                    "content": ["c", {"type": "text", "text": "d"}, {"text": "e"}]},
+                                   index=None))
+    assert events[1:] == [TextDelta("reasoning", "a b "), TextDelta("answer", "cde")]
+
+
+def test_chunk_mapper_finishes_only_on_a_named_reason() -> None:
+    mapper = ChunkMapper()
+    events = mapper.feed(odd_chunk({"content": "x"}, ""))
+    assert not any(isinstance(event, Finish) for event in events)
+    assert not mapper.finished
+    # (The answer's text was held until then: "auto" waits to see whether a <think> comes.)
+    assert mapper.feed(odd_chunk(None, "length")) == [TextDelta("answer", "x"), Finish("length")]
+    assert mapper.finished and mapper.finish_reason == "length"
+
+
+def test_chunk_mapper_drops_a_usage_that_is_not_an_object() -> None:
+    mapper = ChunkMapper()
+    mapper.feed(odd_chunk({"content": "x"}))
+    assert mapper.feed({"choices": None, "usage": "12 tokens"}) == []
+    assert mapper.feed({"usage": {"total_tokens": 12}}) == [Usage({"total_tokens": 12})]
+
+
+@pytest.mark.parametrize(
+    ("chunk", "message"),
+    [
+        (odd_chunk("text"), "choices[0].delta is str, not an object"),
+        (odd_chunk({"content": 4.5}), "choices[0].delta.content is float, not a string"),
+        (odd_chunk({"content": True}), "choices[0].delta.content is bool, not a string"),
+        (odd_chunk({"reasoning_content": {"text": "x"}}),
+         "choices[0].delta.reasoning_content is dict, not a string"),
+        (odd_chunk({"reasoning": ["x", None]}),
+         "choices[0].delta.reasoning[1] is NoneType, not a string or a text part"),
+        (odd_chunk({"content": [{"type": "thinking", "text": "x"}]}),
+         "choices[0].delta.content[0] is a part of type 'thinking' that is not text"),
+        (odd_chunk({}, 0), "choices[0].finish_reason is int, not a string"),
+        (odd_chunk(choices={"index": 0}), "choices is dict, not a list"),
+        (odd_chunk(choices=[[]]), "choices[0] is list, not an object"),
+        (odd_chunk(choices=[{"index": 0.5}]), "choices[0].index is float, not an integer"),
+    ],
+)
+def test_chunk_mapper_names_what_is_malformed(chunk: dict[str, Any], message: str) -> None:
+    with pytest.raises(UpstreamStreamBroken) as raised:
+        ChunkMapper().feed(chunk)
+    assert str(raised.value) == f"upstream sent a malformed chunk: {message}"
+
+
+def test_chunk_mapper_follows_only_choice_0() -> None:
+    second = {"index": 1, "delta": {"content": "y"}, "finish_reason": None}
+    with pytest.raises(UpstreamStreamBroken, match=r"choice index 1; the proxy asks for one"):
+        ChunkMapper().feed(odd_chunk(choices=[{"index": 0, "delta": {"content": "x"}}, second]))
+
+
+async def test_openai_whole_response_with_an_odd_message_names_the_message() -> None:
+    completion = {"id": "cmpl-1", "object": "chat.completion", "model": "m",
+                  "choices": [{"index": 0, "finish_reason": "stop", "message": "4"}]}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(completion).encode()})
+
+    with serve_app(app, lifespan="off") as url:
+        upstream = await open_upstream(url)
+        try:
+            with pytest.raises(UpstreamStreamBroken, match=r"choices\[0\]\.message is str"):
+                await collect(upstream.stream(chat()))
+        finally:
+            await upstream.aclose()
+
+
 # -- the litellm upstream -------------------------------------------------------------------------
 
 
@@ -632,6 +738,7 @@ def test_litellm_reaches_no_network_beyond_loopback() -> None:
         sys.addaudithook(hook)
         from guardrail.config import UpstreamConfig
         from guardrail.upstreams.base import ChatRequest
+from guardrail.upstreams.chunks import ChunkMapper
         from guardrail.upstreams.litellm_upstream import LiteLLMUpstream
         from tests.fakes import create_fake_openai_app, serve_app
         async def main(url):

@@ -119,18 +119,18 @@ class ChunkMapper:
         delta = choice.get("delta")
         if delta.__class__ is dict:
             reasoning = delta.get("reasoning")
-            if reasoning.__class__ is not str:
+            if reasoning is not None and reasoning.__class__ is not str:
                 reasoning = _text(reasoning, position, "reasoning", answer=False)
             if not reasoning:
                 # vLLM sent both fields with the same text for a while: one is taken, never both.
                 reasoning = delta.get("reasoning_content")
-                if reasoning.__class__ is not str:
+                if reasoning is not None and reasoning.__class__ is not str:
                     reasoning = _text(reasoning, position, "reasoning_content", answer=False)
             if reasoning:
                 events.extend(self._parser.saw_reasoning_field())
                 events.append(TextDelta("reasoning", reasoning))
             content = delta.get("content")
-            if content.__class__ is not str:
+            if content is not None and content.__class__ is not str:
                 content = _text(content, position, "content", answer=True)
             if content:
                 events.extend(self._parser.feed(content))
@@ -149,16 +149,14 @@ class ChunkMapper:
 
 
 def _text(value: Any, position: int, field: str, *, answer: bool) -> str:
-    """The text of a delta field that is not a plain string: null is no text, a list of parts
-    is joined; anything else is malformed.
+    """The text of a delta field that is neither a plain string nor null: a list of parts is
+    joined; anything else is malformed.
 
     A number (or a boolean, or an object) is rejected rather than stringified: no server sends
     one for text, so it means a broken server or gateway, and its string form may not be what
     the model wrote (``1e3``, ``007``, ``true``); the guard would judge, and the client read,
     text the model never produced.
     """
-    if value is None:
-        return ""
     if isinstance(value, str):  # a subclass of str (a library's own string type)
         return str(value)
     path = f"choices[{position}].delta.{field}"

@@ -287,7 +287,11 @@ class OpenAICompatibleUpstream:
                 else choice
                 for choice in choices
             ]
-        return [*mapper.feed(as_chunk), *mapper.end()]
+        try:
+            return [*mapper.feed(as_chunk), *mapper.end()]
+        except UpstreamStreamBroken as error:
+            # The mapper read each ``message`` as a ``delta``: name the field the server sent.
+            raise UpstreamStreamBroken(str(error).replace("].delta", "].message")) from error
 
     async def _raise_http_error(self, response: aiohttp.ClientResponse) -> None:
         try:
