@@ -157,6 +157,13 @@ SHAPES: dict[str, tuple[tuple[Any, ...], Forwarded | Broken]] = {
     "choice-a-string": (stream_of(answer=chunk(choices=[ANSWER])),
                         Broken("choices[0] is str")),
     "choice-null": (stream_of(answer=chunk(choices=[None])), Broken("choices[0] is NoneType")),
+    "text-after-the-finish-reason": (stream_of(last=(chunk({"content": "And more."}),
+                                                     usage_chunk())),
+                                     Broken("content holds text after the finish_reason",
+                                            after_answer=True)),
+    "message-instead-of-delta": (stream_of(answer=chunk(choices=[
+        {"index": 0, "message": {"role": "assistant", "content": ANSWER}}])),
+        Broken("choices[0] has a message but no delta")),
     "finish-reason-a-number": (stream_of(finish=chunk({}, 1)),
                                Broken("choices[0].finish_reason is int", after_answer=True)),
     "finish-reason-an-object": (stream_of(finish=chunk({}, {"type": "stop"})),
@@ -187,12 +194,13 @@ LITELLM: dict[str, Forwarded | Broken] = {
     "chunk-null": Forwarded(),  # skipped, as an empty object is
     "finish-reason-a-number": Forwarded(),  # "Unmapped finish_reason '1', defaulting to 'stop'"
 }
-LITELLM_LOSES_CONTENT = pytest.mark.xfail(
-    strict=True, reason="LiteLLM drops a delta.content that is not a string before the upstream "
-    "sees the chunk: the answer is lost without an error (LiteLLM's behaviour, not ours)")
-LITELLM_MARKS = {shape: [LITELLM_LOSES_CONTENT] for shape in (
+LITELLM_LOSES_TEXT = pytest.mark.xfail(
+    strict=True, reason="LiteLLM drops text it cannot read (a delta.content that is not a "
+    "string, a message in place of a delta) before the upstream sees the chunk: the answer is "
+    "lost without an error (LiteLLM's behaviour, not ours)")
+LITELLM_MARKS = {shape: [LITELLM_LOSES_TEXT] for shape in (
     "content-list-of-text-parts", "content-a-number", "content-an-object",
-    "content-part-of-another-type")}
+    "content-part-of-another-type", "message-instead-of-delta")}
 
 
 def responder(body: dict[str, Any]) -> FakeReply:

@@ -738,7 +738,6 @@ def test_litellm_reaches_no_network_beyond_loopback() -> None:
         sys.addaudithook(hook)
         from guardrail.config import UpstreamConfig
         from guardrail.upstreams.base import ChatRequest
-from guardrail.upstreams.chunks import ChunkMapper
         from guardrail.upstreams.litellm_upstream import LiteLLMUpstream
         from tests.fakes import create_fake_openai_app, serve_app
         async def main(url):

@@ -127,15 +127,26 @@ class ChunkMapper:
                 if reasoning is not None and reasoning.__class__ is not str:
                     reasoning = _text(reasoning, position, "reasoning_content", answer=False)
             if reasoning:
+                if self.finished:
+                    raise _after_finish(position, "reasoning")
                 events.extend(self._parser.saw_reasoning_field())
                 events.append(TextDelta("reasoning", reasoning))
             content = delta.get("content")
             if content is not None and content.__class__ is not str:
                 content = _text(content, position, "content", answer=True)
             if content:
+                if self.finished:
+                    raise _after_finish(position, "content")
                 events.extend(self._parser.feed(content))
-        elif delta is not None:  # null or missing: no text (a chunk that only finishes)
+        elif delta is not None:
             raise _malformed(f"choices[{position}].delta", delta, "an object")
+        elif choice.get("message") is not None:
+            # A whole message where a delta belongs: the full text so far, or only the new
+            # text? Servers differ, and a wrong guess repeats or loses text.
+            raise UpstreamStreamBroken(
+                f"upstream sent a malformed chunk: choices[{position}] has a message but no "
+                "delta")
+        # else: delta null or missing, no text (a chunk that only finishes)
         reason = choice.get("finish_reason")
         if reason is not None:
             if reason.__class__ is not str:
@@ -181,6 +192,13 @@ def _text(value: Any, position: int, field: str, *, answer: bool) -> str:
                 "that is not text")
         raise _malformed(f"{path}[{number}]", part, "a string or a text part")
     return "".join(texts)
+
+
+def _after_finish(position: int, field: str) -> UpstreamStreamBroken:
+    # The response, finish reason and all, may already be out: the text has nowhere to go.
+    return UpstreamStreamBroken(
+        f"upstream sent a malformed chunk: choices[{position}].delta.{field} holds text after "
+        "the finish_reason")
 
 
 def _malformed(path: str, value: Any, wanted: str) -> UpstreamStreamBroken:
