@@ -1,3 +1,14 @@
-"""Shared fixtures: a real PostgreSQL server on loopback for the case-store tests."""
+"""Shared fixtures: a real PostgreSQL server on loopback for the case-store tests.
 
-from tests.pg_server import postgres_url  # noqa: F401
+Tests never reach a model hub: models are built locally (tests/fakes/tiny_lm.py), and a name
+that is not a local folder must fail at once, not after the hub client's connection retries
+(about a minute with no network). Set before anything imports huggingface_hub, which reads these
+once; subprocesses the tests start (the CLI) inherit them.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from tests.pg_server import postgres_url  # noqa: E402, F401
