@@ -15,7 +15,7 @@ import httpx
 from guardrail.config import Config, config_from_mapping
 from server.app import create_app
 from tests.fakes.llama_guard_server import FakeLlamaGuard
-from tests.fakes.loopback import serve_app
+from tests.fakes.loopback import LoopbackServers
 from tests.fakes.openai_server import FakeOpenAIApp, FakeReply, create_fake_openai_app
 
 
@@ -98,9 +98,10 @@ def running_proxy(
 ) -> Iterator[Proxy]:
     fake_guard = fake_guard or FakeLlamaGuard()
     upstream_app = upstream_app or create_fake_openai_app(reply or FakeReply())
-    with ExitStack() as stack:
-        upstream_url = stack.enter_context(serve_app(upstream_app))
-        guard_url = stack.enter_context(serve_app(fake_guard.app()))
+    # The proxy and its fakes stop together when the block ends (after the client closes).
+    with LoopbackServers() as servers, ExitStack() as stack:
+        upstream_url = servers.serve(upstream_app)
+        guard_url = servers.serve(fake_guard.app())
         store_path = tmp_path / "cases.db"
         data = {
             "upstream": {"url": f"{upstream_url}/v1"},
@@ -114,7 +115,7 @@ def running_proxy(
                       "fallback_path": str(tmp_path / "unstored.jsonl")},
         }
         config = config_from_mapping(merge(data, overrides or {}))
-        url = stack.enter_context(serve_app(create_app(config)))
+        url = servers.serve(create_app(config))
         proxy = Proxy(url, config, upstream_app, fake_guard, store_path)
         stack.callback(proxy.client.close)
         yield proxy

@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks.fake_upstream import ANSWER, REASONING, VARIANTS, FakeUpstream, Script, texts
 from benchmarks.launch import start_upstream
 from benchmarks.stream_client import Target, percentile, run_requests, streamed_text
-from tests.fakes import FakeReply, create_fake_openai_app, serve_app
+from tests.fakes import FakeReply, LoopbackServers, create_fake_openai_app, serve_app
 
 
 def test_fake_upstream_streams_the_whole_text_in_the_chunks_asked_for() -> None:
@@ -51,8 +51,9 @@ def test_client_reports_a_stream_that_differs_from_the_model() -> None:
 def test_client_reports_http_errors_and_error_events() -> None:
     failing = FakeReply(http_status=503, error_message="overloaded")
     broken = FakeReply(reasoning="R", answer="A", error_after_chunks=1)
-    with serve_app(create_fake_openai_app(failing)) as down, \
-            serve_app(create_fake_openai_app(broken)) as erring:
+    with LoopbackServers() as servers:
+        down = servers.serve(create_fake_openai_app(failing))
+        erring = servers.serve(create_fake_openai_app(broken))
         refused = asyncio.run(run_requests(Target("down", f"{down}/v1"), 1, 1))
         errored = asyncio.run(run_requests(Target("erring", f"{erring}/v1"), 1, 1))
     assert refused[0].error is not None and refused[0].error.startswith("HTTP 503")

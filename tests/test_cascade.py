@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from guardrail.guards.base import GuardView
 from guardrail.guards.capabilities import find_stats
 from guardrail.guards.cascade import CascadeGuard
 from guardrail.guards.plumbing.stats import GuardStatsCollector
-from tests.fakes import FakeOpenAIApp, create_fake_openai_app, serve_app
+from tests.fakes import FakeOpenAIApp, LoopbackServers, create_fake_openai_app
 from tests.fakes.judge import FakeJudge
 from tests.fakes.llama_guard_server import FakeLlamaGuard
 
@@ -57,9 +57,9 @@ def servers(judge: FakeJudge | None = None) -> Iterator[Servers]:
     judge = judge or FakeJudge(rules={"nerve agent": "S9", "launder": "S2"})
     judge_app = create_fake_openai_app(responder=judge.respond, models=("judge",),
                                        api_key="sk-judge")
-    with ExitStack() as stack:
-        lg_url = stack.enter_context(serve_app(llama_guard.app(), lifespan="off"))
-        judge_url = stack.enter_context(serve_app(judge_app))
+    with LoopbackServers() as loopback:
+        lg_url = loopback.serve(llama_guard.app(), lifespan="off")
+        judge_url = loopback.serve(judge_app)
         yield Servers(llama_guard, judge, judge_app, lg_url + "/v1", judge_url + "/v1")
 
 

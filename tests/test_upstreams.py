@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,14 @@ from guardrail.upstreams.demo import (
 from guardrail.upstreams.litellm_upstream import LiteLLMUpstream
 from guardrail.upstreams.openai_compatible import OpenAICompatibleUpstream
 from guardrail.upstreams.sse import SSEDecoder
-from tests.fakes import FakeOpenAIApp, FakeReply, create_fake_openai_app, free_port, serve_app
+from tests.fakes import (
+    FakeOpenAIApp,
+    FakeReply,
+    LoopbackServers,
+    create_fake_openai_app,
+    free_port,
+    serve_app,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REASONING = (
@@ -61,12 +67,11 @@ StartFake = Callable[..., tuple[FakeOpenAIApp, str]]
 @pytest.fixture
 def fake() -> Iterator[StartFake]:
     """Start fake servers for the test; returns (app, base URL ending in /v1)."""
-    with ExitStack() as stack:
+    with LoopbackServers() as servers:
 
         def start(reply: FakeReply | None = None, **options: Any) -> tuple[FakeOpenAIApp, str]:
             app = create_fake_openai_app(reply, **options)
-            url = stack.enter_context(serve_app(app))
-            return app, f"{url}/v1"
+            return app, f"{servers.serve(app)}/v1"
 
         yield start
 

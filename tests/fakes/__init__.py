@@ -2,7 +2,7 @@
 servers). ``serve_app`` runs any ASGI app on 127.0.0.1; ``create_fake_openai_app`` is a
 vLLM-like chat completions server that records what it received."""
 
-from tests.fakes.loopback import LoopbackServer, free_port, serve_app
+from tests.fakes.loopback import LoopbackServer, LoopbackServers, free_port, serve_app
 from tests.fakes.openai_server import (
     FakeOpenAIApp,
     FakeReply,
@@ -14,6 +14,7 @@ __all__ = [
     "FakeOpenAIApp",
     "FakeReply",
     "LoopbackServer",
+    "LoopbackServers",
     "RecordedRequest",
     "create_fake_openai_app",
     "free_port",

@@ -7,6 +7,14 @@ The server binds a free port itself (no race between choosing and binding), runs
 loop in a daemon thread, and shuts down on exit, waiting for the thread, so tests leave nothing
 running and raise no warnings. Works from sync and async tests alike (the test's loop is not
 involved).
+
+Several servers for one test (a proxy and its fakes) go in one ``LoopbackServers`` group, which
+stops them together: a uvicorn shutdown takes 0.1-0.2 s of polling and grace sleeps whatever the
+server does, so stopping three one after another costs three times that.
+
+    with LoopbackServers() as servers:
+        upstream_url = servers.serve(upstream_app)
+        proxy_url = servers.serve(create_app(config))
 """
 
 from __future__ import annotations
@@ -14,8 +22,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any, Literal
 
 import uvicorn
@@ -70,10 +79,64 @@ class LoopbackServer:
             time.sleep(0.005)
 
     def stop(self) -> None:
+        self.request_stop()
+        self.wait_stopped()
+
+    def request_stop(self) -> None:
+        """Tell the server to shut down, without waiting for it (see ``stop_together``)."""
         self._server.should_exit = True
+
+    def wait_stopped(self, timeout_s: float = 10.0) -> None:
         if self._thread.is_alive():
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=timeout_s)
         self._socket.close()
+
+
+def stop_together(servers: Iterable[LoopbackServer]) -> None:
+    """Stop servers concurrently: all are told first, then all are waited for, so the group
+    takes one shutdown's time rather than the sum."""
+    started = list(servers)
+    for server in started:
+        server.request_stop()
+    for server in started:
+        server.wait_stopped()
+
+
+class LoopbackServers:
+    """A group of loopback servers for one test, stopped together when the block ends."""
+
+    def __init__(self) -> None:
+        self._servers: list[LoopbackServer] = []
+
+    def serve(
+        self,
+        app: Any,
+        *,
+        lifespan: Literal["auto", "on", "off"] = "auto",
+        log_level: str = "warning",
+        startup_timeout_s: float = 15.0,
+    ) -> str:
+        """Start serving ``app`` now, until the group stops; returns its base URL."""
+        server = LoopbackServer(app, lifespan=lifespan, log_level=log_level,
+                                startup_timeout_s=startup_timeout_s)
+        server.start()
+        self._servers.append(server)
+        return server.url
+
+    def stop(self) -> None:
+        servers, self._servers = self._servers, []
+        stop_together(servers)
+
+    def __enter__(self) -> LoopbackServers:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 @contextmanager
