@@ -11,4 +11,4 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from tests.pg_server import postgres_url  # noqa: E402, F401
+from tests.pg_server import postgres_url  # noqa: F401

@@ -4,6 +4,7 @@ formats: a vLLM-like model server and a Llama Guard served the vLLM way."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -53,11 +54,28 @@ class Proxy:
             raw = response.read()
         return response, raw
 
-    def case(self, case_id: str) -> dict[str, Any]:
-        response = self.client.get(f"/admin/cases/{case_id}", headers=self.admin_headers())
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
+    def case(self, case_id: str, *, wait_s: float = 5.0) -> dict[str, Any]:
+        """The FINAL stored case (``status: complete``), polled for up to ``wait_s``.
+
+        A streamed case is stored twice: ``in_progress`` before the headers go, and complete
+        when the stream ends. A client that leaves mid-stream returns before the second write,
+        so reading once could assert on the first; a test that reads a case always waits for
+        the final one, and fails with what it last saw if that never comes."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            response = self.client.get(f"/admin/cases/{case_id}",
+                                       headers=self.admin_headers())
+            if response.status_code == 200:
+                body: dict[str, Any] = response.json()
+                if body.get("status") == "complete":
+                    return body
+            elif response.status_code != 404:
+                raise AssertionError(f"case {case_id}: HTTP {response.status_code}: "
+                                     f"{response.text}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"case {case_id} has no final record after {wait_s} s; "
+                                     f"last seen: HTTP {response.status_code} {response.text}")
+            time.sleep(0.02)
 
     def admin_headers(self) -> dict[str, str]:
         keys = self.config.server.admin_keys

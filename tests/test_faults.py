@@ -135,15 +135,9 @@ def assert_broken_stream(proxy: Proxy, response: httpx.Response, raw: bytes,
 
 
 def stored_case(proxy: Proxy, case_id: str) -> dict[str, Any]:
-    # The case is written before the response ends; poll briefly all the same, as a client
-    # would, so a slow disk does not make this flaky.
-    for _ in range(50):
-        found = proxy.client.get(f"/admin/cases/{case_id}", headers=proxy.admin_headers())
-        if found.status_code == 200:
-            body: dict[str, Any] = found.json()
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"case {case_id} was never stored")
+    # The final record (status complete), polled briefly as a client would: never the
+    # in-progress one a stream stores as it starts.
+    return proxy.case(case_id)
 
 
 # -- the model upstream --------------------------------------------------------------------------
