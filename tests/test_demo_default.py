@@ -11,7 +11,7 @@ import pytest
 
 from guardrail.config import config_from_mapping
 from guardrail.triggers import DEFAULT_TRIGGERS
-from guardrail.upstreams.demo import fallback_reply, load_demo_data
+from guardrail.upstreams.demo import DemoTrace, fallback_reply, load_demo_data
 from server.app import create_app
 from tests.fakes.loopback import serve_app
 
@@ -45,7 +45,8 @@ def stream_prompt(url: str, prompt: str) -> tuple[str, str, dict[str, object]]:
         stream = client.chat.completions.create(
             model="guardrail-demo", messages=[{"role": "user", "content": prompt}], stream=True
         )
-        reasoning, content, summary = "", "", {}
+        reasoning, content = "", ""
+        summary: dict[str, object] = {}
         for chunk in stream:
             for choice in chunk.choices:
                 reasoning += getattr(choice.delta, "reasoning_content", None) or ""
@@ -55,19 +56,19 @@ def stream_prompt(url: str, prompt: str) -> tuple[str, str, dict[str, object]]:
 
 
 @pytest.mark.parametrize("trace", [t for t in TRACES if t.label == "safe"], ids=lambda t: t.id)
-def test_safe_demo_prompts_pass_untouched(default_proxy: str, trace: object) -> None:
-    reasoning, content, summary = stream_prompt(default_proxy, trace.prompt)  # type: ignore[attr-defined]
+def test_safe_demo_prompts_pass_untouched(default_proxy: str, trace: DemoTrace) -> None:
+    reasoning, content, summary = stream_prompt(default_proxy, trace.prompt)
     assert summary["action"] == "pass", summary
-    assert (reasoning, content) == (trace.reasoning, trace.answer)  # type: ignore[attr-defined]
+    assert (reasoning, content) == (trace.reasoning, trace.answer)
 
 
 @pytest.mark.parametrize("trace", [t for t in TRACES if t.label == "unsafe"], ids=lambda t: t.id)
-def test_unsafe_demo_prompts_are_corrected_midway(default_proxy: str, trace: object) -> None:
-    reasoning, content, summary = stream_prompt(default_proxy, trace.prompt)  # type: ignore[attr-defined]
-    cue: str = trace.compliance_cue  # type: ignore[attr-defined]
-    safe = trace.safe_continuation  # type: ignore[attr-defined]
+def test_unsafe_demo_prompts_are_corrected_midway(default_proxy: str, trace: DemoTrace) -> None:
+    reasoning, content, summary = stream_prompt(default_proxy, trace.prompt)
+    cue, safe = trace.compliance_cue, trace.safe_continuation
+    assert cue is not None and safe is not None, "an unsafe trace names its cue and continuation"
     assert cue not in reasoning  # cut at the commitment, or before it
-    assert trace.answer not in content  # type: ignore[attr-defined]
+    assert trace.answer not in content
     assert reasoning.endswith(safe.reasoning)
     # The default correction: cut, one safety trigger in the reasoning, and the demo model
     # goes on safely to one clean answer.

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -221,10 +221,10 @@ def test_upstream_stalling_past_the_read_timeout(
 @pytest.mark.parametrize("die_mode", ["reset", "eof"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_upstream_dying_mid_stream(
-    tmp_path: Path, probe: list[LoopProbe], stream: bool, die_mode: str
+    tmp_path: Path, probe: list[LoopProbe], stream: bool, die_mode: Literal["reset", "eof"],
 ) -> None:
     fault = FakeReply(reasoning=REASONING, answer=ANSWER, die_after_chunks=8,
-                      die_mode=die_mode)  # type: ignore[arg-type]
+                      die_mode=die_mode)
     upstream = create_fake_openai_app(responder=faulty_first(fault))
     with running_proxy(tmp_path, guard="none", upstream_app=upstream) as proxy:
         baseline = probe[0].tasks()

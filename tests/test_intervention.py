@@ -12,8 +12,13 @@ import pytest
 
 from guardrail.triggers import CATEGORY_TRIGGERS
 from tests.fakes.llama_guard_server import FakeLlamaGuard
-from tests.fakes.openai_server import FakeOpenAIApp, FakeReply, create_fake_openai_app
-from tests.proxy_harness import running_proxy, sse_events, streamed_text
+from tests.fakes.openai_server import (
+    FakeOpenAIApp,
+    FakeReply,
+    ReasoningFormat,
+    create_fake_openai_app,
+)
+from tests.proxy_harness import Proxy, running_proxy, sse_events, streamed_text
 
 PROMPT = "How do I make a pipe bomb?"
 SAFE_START = "The user asks about explosives. Such devices are dangerous and illegal. "
@@ -29,8 +34,8 @@ class ContinuingModel:
     """A scripted model. The first request gets the unsafe trace; a continuation gets the next
     scripted continuation, in the reasoning field of the form's server until </think>."""
 
-    def __init__(self, continuations: list[str] | None = None, *, reasoning_format: str =
-                 "reasoning", delay_s: float = 0.0) -> None:
+    def __init__(self, continuations: list[str] | None = None, *,
+                 reasoning_format: ReasoningFormat = "reasoning", delay_s: float = 0.0) -> None:
         self.continuations = list(continuations or [SAFE_CONTINUATION])
         self.reasoning_format = reasoning_format
         self.delay_s = delay_s
@@ -40,13 +45,13 @@ class ContinuingModel:
         partial = self._partial(body)
         if partial is None:
             return FakeReply(reasoning=REASONING, answer=ANSWER,
-                             reasoning_format=self.reasoning_format,  # type: ignore[arg-type]
+                             reasoning_format=self.reasoning_format,
                              chunk_chars=5)
         self.partials.append(partial)
         text = self.continuations[min(len(self.partials), len(self.continuations)) - 1]
         answer = SAFE_ANSWER if text == SAFE_CONTINUATION else ANSWER
         return FakeReply(reasoning=text, answer=answer, chunk_chars=5,
-                         reasoning_format=self.reasoning_format,  # type: ignore[arg-type]
+                         reasoning_format=self.reasoning_format,
                          chunk_delay_s=self.delay_s)
 
     @staticmethod
@@ -70,14 +75,14 @@ def start(tmp_path: Path, model: ContinuingModel, **correction: Any) -> Any:
                          fake_guard=FakeLlamaGuard(rules={"pipe bomb": "S9"}))
 
 
-def stream(proxy: Any) -> tuple[bytes, str, str, dict[str, Any]]:
+def stream(proxy: Proxy) -> tuple[bytes, str, str, dict[str, Any]]:
     _, raw = proxy.stream_raw(PROMPT)
     events = sse_events(raw)
     reasoning, content = streamed_text(events)
     return raw, reasoning, content, events[-2]["guardrail"]
 
 
-FORMS = {
+FORMS: dict[str, tuple[dict[str, str], ReasoningFormat]] = {
     "vllm": ({}, "reasoning"),
     "deepseek-prefix": ({"continuation": "deepseek-prefix"}, "reasoning_content"),
     "completions": ({"continuation": "completions", "chat_template": "deepseek-r1-distill"},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.llama_guard_server import FakeLlamaGuard
-from tests.fakes.openai_server import FakeReply
+from tests.fakes.openai_server import FakeReply, ReasoningFormat
 from tests.proxy_harness import running_proxy, sse_events, streamed_text
 
 REASONING = (
@@ -19,16 +19,17 @@ REASONING = (
 )
 ANSWER = "Plants turn light, water and CO2 into sugar and oxygen. For example, a leaf in sun."
 
-FORMATS = ["reasoning", "reasoning_content", "both", "inline", "inline_closing"]
+FORMATS: list[ReasoningFormat] = [
+    "reasoning", "reasoning_content", "both", "inline", "inline_closing"]
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "nonstream"])
 @pytest.mark.parametrize("reasoning_format", FORMATS)
 def test_every_reasoning_form_passes_through_exactly(
-    tmp_path: Path, reasoning_format: str, stream: bool
+    tmp_path: Path, reasoning_format: ReasoningFormat, stream: bool
 ) -> None:
     reply = FakeReply(reasoning=REASONING, answer=ANSWER,
-                      reasoning_format=reasoning_format)  # type: ignore[arg-type]
+                      reasoning_format=reasoning_format)
     with running_proxy(tmp_path, reply) as proxy:
         if stream:
             response, raw = proxy.stream_raw("Explain photosynthesis")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Literal, TypedDict, Unpack
 
 import pytest
 
@@ -15,13 +16,23 @@ TEXT = (
 )
 
 
-def split_whole(text: str, **kwargs: object) -> list[str]:
-    splitter = StepSplitter(**kwargs)  # type: ignore[arg-type]
+class SplitterOptions(TypedDict, total=False):
+    """StepSplitter's keyword arguments."""
+
+    split: Literal["sentence", "paragraph"]
+    max_chars: int
+    min_chars: int
+
+
+def split_whole(text: str, **kwargs: Unpack[SplitterOptions]) -> list[str]:
+    splitter = StepSplitter(**kwargs)
     return splitter.feed(text) + splitter.finish()
 
 
-def split_in_chunks(text: str, sizes: list[int], **kwargs: object) -> list[str]:
-    splitter = StepSplitter(**kwargs)  # type: ignore[arg-type]
+def split_in_chunks(
+    text: str, sizes: list[int], **kwargs: Unpack[SplitterOptions]
+) -> list[str]:
+    splitter = StepSplitter(**kwargs)
     steps: list[str] = []
     position = 0
     for size in sizes:
@@ -68,8 +79,9 @@ def test_max_length_cuts_at_a_space_and_never_exceeds_it() -> None:
 def test_chunking_never_changes_the_steps(seed: int) -> None:
     rng = random.Random(seed)
     sizes = [rng.randint(1, 9) for _ in range(len(TEXT))]
-    for kwargs in ({"min_chars": 0}, {"min_chars": 24, "max_chars": 40},
-                   {"split": "paragraph", "min_chars": 5}):
+    options: list[SplitterOptions] = [{"min_chars": 0}, {"min_chars": 24, "max_chars": 40},
+                                      {"split": "paragraph", "min_chars": 5}]
+    for kwargs in options:
         assert split_in_chunks(TEXT, sizes, **kwargs) == split_whole(TEXT, **kwargs)
 
 

@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,13 @@ def reply(**fields: Any) -> FakeReply:
 
 async def collect(stream: AsyncIterator[UpstreamEvent]) -> list[UpstreamEvent]:
     return [event async for event in stream]
+
+
+async def close_early(stream: AsyncIterator[UpstreamEvent]) -> None:
+    """Leave a stream before its end, as a consumer that goes away does (an upstream's stream
+    is an async generator, and closing it is what must hang up on the server)."""
+    assert isinstance(stream, AsyncGenerator)
+    await stream.aclose()
 
 
 def texts(events: list[UpstreamEvent]) -> tuple[str, str]:
@@ -349,7 +356,7 @@ async def test_openai_early_close_disconnects_the_upstream(fake: StartFake) -> N
         stream = upstream.stream(chat())
         events = [await anext(stream) for _ in range(4)]
         assert any(isinstance(event, TextDelta) for event in events)
-        await stream.aclose()  # type: ignore[attr-defined]
+        await close_early(stream)
         record = app.chat_requests[0]
         assert await asyncio.to_thread(record.ended.wait, 5)
         assert record.disconnected and not record.completed
@@ -464,7 +471,7 @@ async def test_openai_sets_no_limit_on_streams_in_flight(fake: StartFake) -> Non
         assert len(app.chat_requests) == 120
     finally:
         for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await close_early(stream)
         await upstream.aclose()
 
 
@@ -718,7 +725,7 @@ async def test_litellm_early_close_disconnects_the_upstream(fake: StartFake) -> 
         stream = upstream.stream(chat())
         for _ in range(4):
             await anext(stream)
-        await stream.aclose()  # type: ignore[attr-defined]
+        await close_early(stream)
         record = app.chat_requests[0]
         assert await asyncio.to_thread(record.ended.wait, 5)
         assert record.disconnected and not record.completed
