@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Literal
 
 import pytest
 
@@ -102,9 +103,11 @@ async def test_check_many_keeps_order_and_falls_back_to_one_at_a_time() -> None:
 
 async def test_one_timeout_and_on_error_decide_a_slow_guard() -> None:
     guard = RecordingGuard(delay_s=1.0)
-    for on_error, unsafe in (("block", True), ("allow", False)):
+    policies: tuple[tuple[Literal["block", "allow"], bool], ...] = (("block", True),
+                                                                    ("allow", False))
+    for on_error, unsafe in policies:
         checker = StepChecker(guard, GuardConfig(kind="recording", timeout_s=0.05,
-                                                 on_error=on_error))  # type: ignore[arg-type]
+                                                 on_error=on_error))
         single = await checker.check(view("Step."))
         batch = await checker.check_many([view("Step."), view("Another.")])
         for verdict in (single, *batch):
