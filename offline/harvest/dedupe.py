@@ -61,7 +61,12 @@ def dedupe(records: Sequence[T], key: Callable[[T], str],
     if options.near:
         from datasketch import MinHash, MinHashLSH
 
-        lsh = MinHashLSH(threshold=options.threshold, num_perm=options.num_perm)
+        try:
+            lsh = MinHashLSH(threshold=options.threshold, num_perm=options.num_perm)
+        except ValueError as error:  # e.g. a threshold so high that LSH gets under two bands
+            raise ValueError(f"dedupe: threshold {options.threshold} with num_perm "
+                             f"{options.num_perm} is not usable ({error}); lower the threshold "
+                             "or raise num_perm") from error
     for index, record in enumerate(records):
         text = key(record)
         exact = normalise(text)
