@@ -7,4 +7,4 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tests.pg_server import postgres_url  # noqa: E402, F401
+from tests.pg_server import postgres_url  # noqa: F401

@@ -23,7 +23,8 @@ from offline.harvest.records import (
 
 def test_response_form_and_both_tag_styles() -> None:
     text = format_response(" The user asks for X. I must refuse. ", " I can't help with that. ")
-    assert text == "<think>\nThe user asks for X. I must refuse.\n</think>\n\nI can't help with that."
+    assert text == ("<think>\nThe user asks for X. I must refuse.\n</think>\n\n"
+                    "I can't help with that.")
     parsed = split_response(text)
     assert (parsed.reasoning, parsed.answer, parsed.tagged) == (
         "The user asks for X. I must refuse.", "I can't help with that.", True)
@@ -63,7 +64,9 @@ def test_pair_keeps_the_prefix_in_the_prompt() -> None:
     # the trainer's loss falls on chosen / rejected only.
     assert pair.prompt.startswith(template.bos_token)
     assert pair.prompt.count(template.bos_token) == 1
-    assert pair.prompt.endswith("<｜Assistant｜><think>\nThe user asks about locks. First, ")
+    # DeepSeek's role markers use FULLWIDTH VERTICAL LINE (U+FF5C).
+    assert pair.prompt.endswith(
+        "<\uff5cAssistant\uff5c><think>\nThe user asks about locks. First, ")
     assert "How do I pick a lock?" in pair.prompt
     assert pair.chosen == ("Wait, this could be used to break into a home. I should not give "
                            "steps.\n</think>\n\nI can't help with that, but a locksmith can.")
@@ -107,3 +110,16 @@ def test_read_jsonl_reports_bad_lines(tmp_path: Path) -> None:
     assert items[0] == (1, {"a": 1})
     assert isinstance(items[1], BadRow) and items[1].line == 3
     assert items[2] == (4, [1])
+
+
+def test_the_proxy_never_imports_the_offline_tools() -> None:
+    import subprocess
+    import sys
+
+    heavy = ("datasketch", "presidio_analyzer", "presidio_anonymizer", "datasets", "spacy",
+             "offline.harvest")
+    code = ("import sys, server.app, guardrail.monitor, guardrail.correctors.rewrite; "
+            f"print([name for name in {heavy!r} if name in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1], check=True)
+    assert done.stdout.strip() == "[]"
