@@ -114,10 +114,10 @@ class Summary:
                 "calls": self.calls, "cached": self.cached, "retries": self.retries,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
-                "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6)}
+                "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 8)}
 
     def line(self) -> str:
-        cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:.4f}"
+        cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:.6f}"
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.rejected.items()))
         return (f"corrected {self.corrected}/{self.rows} rows"
                 f"{f' (rejected: {reasons})' if reasons else ''}; {self.calls} calls, "
@@ -332,7 +332,8 @@ def run_correct(args: argparse.Namespace) -> int:
     for entry in rejected:
         print(f"line {entry['line']}: {entry['reason']}", file=sys.stderr)
     summary.rows += len(rejected)
-    summary.rejected["bad_row"] += len(rejected)
+    if rejected:
+        summary.rejected["bad_row"] += len(rejected)
     cache_path, rejected_path = _outputs(out)
     cache = ResponseCache(cache_path)
     try:

@@ -217,3 +217,51 @@ def test_the_command_is_registered() -> None:
     commands = project["project"]["entry-points"]["guardrail.commands"]
     assert commands["correct"] == "offline.correct:add_correct_parser"
     assert "reasoning-guardrail[offline]" in project["project"]["optional-dependencies"]["dev"]
+
+
+class InFlight:
+    """Wraps the fake server: holds each chat request a moment and counts how many overlap."""
+
+    def __init__(self, app: FakeOpenAIApp, hold_s: float) -> None:
+        self.app = app
+        self.hold_s = hold_s
+        self.active = 0
+        self.peak = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import asyncio
+
+        if scope["type"] != "http" or not scope["path"].endswith("/chat/completions"):
+            await self.app(scope, receive, send)
+            return
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(self.hold_s)
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+def test_concurrency_limit_and_cost_summary(tmp_path: Path) -> None:
+    import litellm
+
+    script = Script()
+    app = create_fake_openai_app(responder=script, models=("gpt-4o-mini",), api_key="sk-test")
+    gate = InFlight(app, hold_s=0.15)
+    source = write_rows(tmp_path / "in.jsonl", [
+        {"prompt": f"harmful request {i}", "unsafe_response": "x"} for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    with serve_app(gate) as url:
+        assert main(["--in", str(source), "--out", str(out), "--model", "openai/gpt-4o-mini",
+                     "--api-base", f"{url}/v1", "--api-key-env", "CORRECTOR_KEY",
+                     "--concurrency", "2", "--no-progress",
+                     "--summary", str(tmp_path / "summary.json")]) == 0
+    assert gate.peak == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # A model LiteLLM prices: the cost is its price map applied to the server's usage counts.
+    prompt_cost, completion_cost = litellm.cost_per_token(
+        model="gpt-4o-mini", prompt_tokens=summary["prompt_tokens"],
+        completion_tokens=summary["completion_tokens"])
+    assert summary["cost_usd"] == pytest.approx(prompt_cost + completion_cost, rel=1e-3)
+    assert summary["cost_usd"] > 0
