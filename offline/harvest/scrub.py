@@ -20,7 +20,9 @@ from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, TypeVar
 
+from guardrail.continuation import ChatTemplate
 from offline.harvest.funnel import FilterResult
+from offline.harvest.pairs import DEFAULT_TEMPLATE, PreferencePair, rerender
 from offline.harvest.records import UnsafeChainRecord
 
 T = TypeVar("T")
@@ -100,6 +102,14 @@ def scrub_records(records: Sequence[UnsafeChainRecord],
     """Every text field of every record scrubbed. Nothing is removed; ``details`` counts the
     records changed and the entities replaced, by type."""
     return scrub_texts(records, ("prompt", "response", "unsafe_response"), options)
+
+
+def scrub_pairs(pairs: Sequence[PreferencePair], template: ChatTemplate | str = DEFAULT_TEMPLATE,
+                options: ScrubOptions | None = None) -> FilterResult[PreferencePair]:
+    """Each pair's texts scrubbed and its prompt rendered again (so it still ends with the
+    scrubbed prefix)."""
+    return scrub_texts(pairs, ("request", "prefix", "chosen", "rejected"), options,
+                       rebuild=lambda pair, updates: rerender(pair, template, **updates))
 
 
 def scrub_texts(records: Sequence[T], field_names: Sequence[str],
