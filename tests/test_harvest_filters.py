@@ -238,7 +238,7 @@ def test_scrub_pairs_keeps_the_prompt_consistent() -> None:
     result = scrub_pairs([pair])
     (scrubbed,) = result.kept
     assert "bob@example.com" not in json.dumps(scrubbed.to_dict())
-    assert scrubbed.prompt.endswith("<think>\nThe user gives <EMAIL_ADDRESS>. ")
+    assert scrubbed.prompt.endswith("<think>\nThe user gives <EMAIL_ADDRESS>.")
     assert PreferencePair.from_dict(scrubbed.to_dict()) == scrubbed
     assert result.details["entities"] == {"EMAIL_ADDRESS": 3}
 

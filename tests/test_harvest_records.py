@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from guardrail.continuation import load_template
+from guardrail.continuation import AssistantPrefix, load_template
 from offline.harvest.pairs import PreferencePair, build_pair
 from offline.harvest.records import (
     BadRow,
@@ -66,11 +66,17 @@ def test_pair_keeps_the_prefix_in_the_prompt() -> None:
     assert pair.prompt.count(template.bos_token) == 1
     # DeepSeek's role markers use FULLWIDTH VERTICAL LINE (U+FF5C).
     assert pair.prompt.endswith(
-        "<\uff5cAssistant\uff5c><think>\nThe user asks about locks. First, ")
+        "<\uff5cAssistant\uff5c><think>\nThe user asks about locks. First,")
     assert "How do I pick a lock?" in pair.prompt
-    assert pair.chosen == ("Wait, this could be used to break into a home. I should not give "
+    # The boundary's space opens both suffixes (TRL tokenizes prompt and completion apart).
+    assert pair.chosen == (" Wait, this could be used to break into a home. I should not give "
                            "steps.\n</think>\n\nI can't help with that, but a locksmith can.")
-    assert pair.rejected == "take a tension wrench and rake the pins."
+    assert pair.rejected == " take a tension wrench and rake the pins."
+    # Joined, each side is exactly the text the model saw after the rendered request.
+    seen = template.render_prefix([{"role": "user", "content": "How do I pick a lock?"}],
+                                  AssistantPrefix(reasoning="The user asks about locks. First, "))
+    assert pair.prompt + pair.rejected == seen + "take a tension wrench and rake the pins."
+    assert (pair.prompt + pair.chosen).startswith(seen + "Wait, this could")
     assert PreferencePair.from_dict(pair.to_dict()) == pair
     with pytest.raises(RecordError, match="same text"):
         build_pair("q", "p ", "T", "", "", "T")
@@ -100,7 +106,8 @@ def test_files_load_with_datasets(tmp_path: Path) -> None:
     loaded_pairs = datasets.load_dataset(
         "json", data_files=str(tmp_path / "preference_pairs.jsonl"), split="train")
     assert {"prompt", "chosen", "rejected"} <= set(loaded_pairs.column_names)
-    assert loaded_pairs[0]["prompt"].endswith("pre ")
+    assert loaded_pairs[0]["prompt"].endswith("pre")
+    assert loaded_pairs[0]["chosen"].startswith(" Wait.")
 
 
 def test_read_jsonl_reports_bad_lines(tmp_path: Path) -> None:

@@ -21,11 +21,16 @@ in the **standard** form:
 - ``prefix`` (the shared reasoning) and ``request`` (the user's text) are kept as extra columns
   for provenance; DPOTrainer ignores columns it does not use.
 
-The rendered prompt carries the template's BOS once (``bos_token`` in the template): TRL's
-trainers tokenize pre-rendered text without adding special tokens (REFERENCE.md section 5;
-check with your TRL release that no second BOS appears). The rendering is the proxy's own
-(:class:`guardrail.continuation.ChatTemplate`, the one the ``completions`` continuation uses),
-so training sees exactly the text the model continued from online.
+Tokens: DPOTrainer's ``tokenize_row`` (trl/trainer/dpo_trainer.py, recent releases) tokenizes
+``prompt``, ``chosen`` and ``rejected`` separately with ``add_special_tokens=False`` and adds a BOS
+only for encoder-decoder models, so the rendered prompt carries the template's BOS itself, once
+(older releases tokenized ``prompt + chosen`` and split it at the prompt's length, which the same
+layout also suits). Because the pieces are tokenized apart, whitespace at the boundary moves into
+the suffixes (``prompt`` ends on the prefix's last non-space character; ``chosen`` and
+``rejected`` start with the gap), as in TRL's own ``"The sky is"`` / ``" blue."`` example, so the
+suffix's first word gets the same leading-space token it has in the joined text.
+The rendering is the proxy's own (:class:`guardrail.continuation.ChatTemplate`, the one the
+``completions`` continuation uses), so training sees the text the model continued from online.
 """
 
 from __future__ import annotations
@@ -88,7 +93,8 @@ def build_pair(
 
     ``prefix`` is the reasoning the client saw before the cut; ``trigger`` + ``safe_continuation``
     is what the proxy inserted and the model wrote after it; ``original_continuation`` is the text
-    from the flagged step on. Raises RecordError when the two sides do not diverge.
+    from the flagged step on: ``prefix + trigger...`` and ``prefix + original_continuation`` are
+    the texts the model saw. Raises RecordError when the two sides do not diverge.
     """
     if isinstance(template, str):
         template = load_template(template)
@@ -100,10 +106,13 @@ def build_pair(
         raise RecordError("a pair needs a non-empty chosen and rejected side")
     if chosen.strip() == rejected.strip():
         raise RecordError("chosen and rejected are the same text")
+    shared = prefix.rstrip()
+    gap = prefix[len(shared):]  # the boundary's whitespace goes with the suffixes (see above)
     rendered = template.render_prefix([{"role": "user", "content": request}],
-                                      AssistantPrefix(reasoning=prefix))
-    return PreferencePair(prompt=rendered, prefix=prefix, chosen=chosen, rejected=rejected,
-                          request=request, case_id=case_id, category=category, source=source)
+                                      AssistantPrefix(reasoning=shared))
+    return PreferencePair(prompt=rendered, prefix=shared, chosen=gap + chosen,
+                          rejected=gap + rejected, request=request, case_id=case_id,
+                          category=category, source=source)
 
 
 def rerender(pair: PreferencePair, template: ChatTemplate | str = DEFAULT_TEMPLATE,
@@ -117,6 +126,8 @@ def rerender(pair: PreferencePair, template: ChatTemplate | str = DEFAULT_TEMPLA
         raise ValueError(f"rerender: cannot change {sorted(unknown)}")
     request = changes.get("request", pair.request)
     prefix = changes.get("prefix", pair.prefix)
+    if prefix != prefix.rstrip():
+        raise ValueError("rerender: a prefix ends on non-space text (the gap is in the suffixes)")
     prompt = template.render_prefix([{"role": "user", "content": request}],
                                     AssistantPrefix(reasoning=prefix))
     return replace(pair, prompt=prompt, **changes)
