@@ -287,3 +287,16 @@ def test_mix_in_benign_at_a_ratio() -> None:
     assert mix_in(harmful, benign, 0).kept == harmful
     with pytest.raises(ValueError):
         mix_in(harmful, benign, -1)
+
+
+def test_funnel_line_and_table() -> None:
+    from offline.harvest.funnel import Funnel
+
+    records = [rec("a b c d e f"), rec("A B C D E F"), rec("another prompt entirely here")]
+    funnel = Funnel("cases", 12000)
+    funnel.add("intercepted", 1930)
+    funnel.add_result(dedupe(records, prompt_of))
+    assert funnel.line() == "12,000 cases \u2192 1,930 intercepted \u2192 2 dedupe"
+    assert funnel.line("->") == "12,000 cases -> 1,930 intercepted -> 2 dedupe"
+    assert funnel.table()[1] == {"stage": "dedupe", "in": 1930, "out": 2,
+                                 "removed": {"exact": 1}}
