@@ -144,8 +144,10 @@ def parse_row(line: int, data: Any) -> Row:
     prefix = data.get("prefix", "")
     if not isinstance(prefix, str):
         raise RecordError("'prefix': a string is required")
-    return Row(line, prompt, prefix, withheld,
-               {key: data[key] for key in _PROVENANCE if key in data})
+    provenance = {key: data[key] for key in _PROVENANCE if key in data}
+    # Checked now, before a call is paid for: the record is built from it at the end.
+    UnsafeChainRecord.from_dict({"prompt": prompt, "response": withheld, **provenance})
+    return Row(line, prompt, prefix, withheld, provenance)
 
 
 def build_request(row: Row, options: CorrectOptions) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pytest
 from guardrail.correctors.rewrite import REWRITE_SYSTEM
 from offline.correct import main
 from offline.harvest.records import UnsafeChainRecord
-from tests.fakes.loopback import serve_app
+from tests.fakes.loopback import free_port, serve_app
 from tests.fakes.openai_server import FakeOpenAIApp, FakeReply, create_fake_openai_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +210,16 @@ def test_bad_invocations(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert "CORRECTOR_KEY" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--in", str(source), "--out", "o", "--model", "m", "--concurrency", "0"])
+    # Bad provenance is caught before a call is paid for (nothing listens on this port).
+    bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": "p", "unsafe_response": "x",
+                                               "score": "high"}])
+    out = tmp_path / "bad-out.jsonl"
+    assert main(["--in", str(bad), "--out", str(out), "--model", "openai/x", "--no-progress",
+                 "--api-base", f"http://127.0.0.1:{free_port()}/v1"]) == 1
+    (rejected,) = [json.loads(line) for line in
+                   (tmp_path / "bad-out.jsonl.rejected.jsonl").read_text().splitlines()]
+    assert rejected["line"] == 1 and "'score'" in rejected["reason"]
+    assert out.read_text() == ""
 
 
 def test_the_command_is_registered() -> None:
