@@ -10,6 +10,10 @@ One deviation from Presidio's defaults: its e-mail recogniser validates the doma
 ``tldextract``, whose default extractor fetches the public-suffix list over the network on first
 use; here the same check runs on tldextract's bundled snapshot, so scrubbing never needs the
 network.
+
+Cost: importing Presidio takes about 10 s here, because its analyzer package imports
+transformers (for NLP engines this module never uses) when that is installed; the scrubbing
+itself is fast. spaCy is imported as a library, but no spaCy model is needed or loaded.
 """
 
 from __future__ import annotations
