@@ -9,6 +9,8 @@ Its output is guarded like any model output.
 
 from __future__ import annotations
 
+from typing import Any
+
 from guardrail.config import CorrectionConfig, UpstreamConfig
 from guardrail.correctors.base import CorrectionContext, CorrectionPlan
 from guardrail.errors import ConfigError
@@ -44,10 +46,16 @@ def rewrite_messages(context: CorrectionContext) -> list[dict[str, str]]:
     shown = context.released_reasoning
     if context.released_answer:
         shown += "\n</think>\n\n" + context.released_answer
+    return correction_messages(context.request.messages, shown, context.withheld)
+
+
+def correction_messages(request_messages: list[dict[str, Any]], shown: str,
+                        withheld: str) -> list[dict[str, str]]:
+    """The corrector's prompt; also used offline by ``guardrail correct`` (same prompt there)."""
     user = REWRITE_USER.format(
-        request=request_text(context.request.messages, 8000),
+        request=request_text(request_messages, 8000),
         shown=shown,
-        withheld=context.withheld[-4000:],
+        withheld=withheld[-4000:],
     )
     return [{"role": "system", "content": REWRITE_SYSTEM}, {"role": "user", "content": user}]
 
