@@ -26,12 +26,10 @@ from offline.harvest.split import train_test_split
 
 DATA = Path(os.environ.get("GUARDRAIL_SHARED_DATA",
                            Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-if not DATA.is_dir():  # a worktree beside the main checkout
-    DATA = Path("/work/shared/data")
 
 
 def rec(prompt: str, **fields: object) -> UnsafeChainRecord:
-    return UnsafeChainRecord.build(prompt, "reasoning", "answer", **fields)  # type: ignore[arg-type]
+    return UnsafeChainRecord.build(prompt, "reasoning", "answer", **fields)
 
 
 def prompt_of(record: UnsafeChainRecord) -> str:
