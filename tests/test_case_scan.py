@@ -351,7 +351,7 @@ async def test_put_unless_complete_never_downgrades(store: CaseStore) -> None:
     # An in-progress row is completed by a replay, and complete replaces complete.
     busy = case_at(BASE, status="in_progress")
     await store.put(busy)
-    assert not await store.put_unless_complete(busy)  # in progress over in progress: kept
+    assert await store.put_unless_complete(busy)  # in progress over in progress: written
     done = busy.model_copy(update={"status": "complete", "action": "refused"})
     assert await store.put_unless_complete(done)
     assert await store.put_unless_complete(done.model_copy(update={"error": "x"}))
