@@ -21,7 +21,7 @@ from guardrail.cases.base import CaseQuery
 from guardrail.cases.model import SCHEMA_VERSION, ReviewLabel
 from guardrail.config import StoreConfig
 from guardrail.errors import StoreError
-from tests.test_case_stores import full_case, pg_schema_url, store, store_url  # noqa: F401
+from tests.test_case_stores import full_case
 
 BASE = 1_716_200_000.0
 
