@@ -7,6 +7,7 @@ records with SQL while the schema of Case stays defined in one place (``model.py
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -130,7 +131,7 @@ class PostgresCaseStore:
         return f"PostgresCaseStore({self.where!r})"
 
     def _error(self, operation: str, exc: BaseException) -> StoreError:
-        message = str(exc).strip() or type(exc).__name__
+        message = " ".join(str(exc).split()) or type(exc).__name__
         if self._password:
             message = message.replace(self._password, "***")
         return StoreError(f"postgresql store at {self.where}: {operation} failed: {message}")
@@ -138,6 +139,17 @@ class PostgresCaseStore:
     async def open(self) -> None:
         if self._pool is not None:
             return
+        # One plain connection first: a server that does not answer fails here at once with
+        # libpq's reason (refused, unknown host, bad password), where the pool would retry in
+        # the background until its timeout and report only that it gave up.
+        try:
+            probe = await asyncio.wait_for(
+                psycopg.AsyncConnection.connect(
+                    self._conninfo, connect_timeout=max(2, int(self.timeout))),
+                timeout=self.timeout + 1)
+            await probe.close()
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            raise self._error("open", exc) from exc
         pool = AsyncConnectionPool(
             self._conninfo,
             min_size=self._min_size,
