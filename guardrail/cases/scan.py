@@ -38,7 +38,7 @@ class SkippedRecord:
 
 
 @dataclass
-class CaseScan:
+class CaseScan(AsyncIterator[Case]):
     """An async iterator over cases (oldest first) that counts what it had to skip.
 
     ``skipped`` and ``problems`` are final once the iteration has ended."""
@@ -55,12 +55,19 @@ class CaseScan:
     """The cursor: where reading starts, then ``(created_at, id)`` of the last row read, so a
     scan that stopped part way can be resumed with ``CaseQuery(after=scan.after)``."""
 
+    _cases_left: AsyncIterator[Case] | None = field(default=None, init=False, repr=False)
+
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
-    def __aiter__(self) -> AsyncIterator[Case]:
-        return self._cases()
+    def __aiter__(self) -> CaseScan:
+        return self
+
+    async def __anext__(self) -> Case:
+        if self._cases_left is None:
+            self._cases_left = self._cases()
+        return await anext(self._cases_left)
 
     async def _cases(self) -> AsyncIterator[Case]:
         while True:
