@@ -56,7 +56,8 @@ def _iso(timestamp: float) -> str:
 def to_task(case: Case) -> dict[str, Any]:
     """One Label Studio task for a case."""
     messages = case.request.get("messages")
-    prompt = request_text(messages, 1_000_000) if isinstance(messages, list) else ""
+    prompt = request_text([message for message in messages if isinstance(message, dict)],
+                          1_000_000) if isinstance(messages, list) else ""
     categories = sorted({category for flag in case.flagged for category in flag.categories})
     correction = "\n\n".join(
         f"[round {item.round}, {item.strategy}] {item.inserted}{item.continuation}"

@@ -23,7 +23,7 @@ import pytest
 
 from guardrail.cases import Case, build_store
 from guardrail.cases.base import CaseQuery
-from guardrail.cases.model import ReviewLabel
+from guardrail.cases.model import SCHEMA_VERSION, ReviewLabel
 from guardrail.config import StoreConfig
 from offline.label_studio import LABEL_CONFIG, LABEL_CONTROL, NOTE_CONTROL, TEXT_OBJECT
 from tests.fakes.openai_server import FakeReply, create_fake_openai_app
@@ -115,6 +115,9 @@ def test_label_through_the_api_records_the_key_name_never_the_key(tmp_path: Path
         assert chat.status_code == 200, chat.text
         case_id = chat.headers["x-guardrail-case-id"]
         path = f"/admin/cases/{case_id}/label"
+        # The proxy writes this version's schema, without a review until someone sets one.
+        assert proxy.case(case_id)["schema_version"] == SCHEMA_VERSION
+        assert proxy.case(case_id)["review"] is None
 
         before = time.time()
         response = proxy.client.post(path, headers=bearer(ADMIN_KEY),

@@ -201,6 +201,16 @@ async def test_an_empty_store_scans_to_nothing(store: CaseStore) -> None:
 
 # -- versions and unreadable rows -------------------------------------------------------------
 
+def test_a_case_built_in_code_is_this_version_and_a_stored_one_without_it_is_1() -> None:
+    assert Case(model="m").schema_version == SCHEMA_VERSION
+    assert Case.model_validate({"model": "m"}).schema_version == SCHEMA_VERSION
+    assert Case.model_validate_json('{"model": "m"}').schema_version == 1
+    assert Case.model_validate({"model": "m"}, context={"stored": True}).schema_version == 1
+    for version in (0, SCHEMA_VERSION + 1, "2", True, 1.5):
+        with pytest.raises(ValueError, match="schema_version"):
+            Case.model_validate_json(json.dumps({"schema_version": version}))
+
+
 async def test_a_version_1_record_reads(opened_at: str) -> None:
     insert_raw(opened_at, [("case_v1", BASE, "refused", version_1_record("case_v1", BASE))])
     store = build_store(StoreConfig(url=opened_at))
