@@ -60,9 +60,9 @@ def fill(url: str, count: int) -> None:
 
     if url.startswith("sqlite"):
         rows = (sqlite_store._row(sample_case(n)) for n in range(count))
-        with closing(sqlite3.connect(sqlite_store.sqlite_path(url))) as connection:
-            connection.executemany(sqlite_store._UPSERT, rows)
-            connection.commit()
+        with closing(sqlite3.connect(sqlite_store.sqlite_path(url))) as database:
+            database.executemany(sqlite_store._UPSERT, rows)
+            database.commit()
         return
     import psycopg
 
