@@ -139,6 +139,8 @@ def test_label_through_the_api_records_the_key_name_never_the_key(tmp_path: Path
         assert again.status_code == 200, again.text
         assert again.json()["review"]["by"] == "ops-bob"
         assert again.json()["review"]["note"] is None
+        # A named admin key still works on the client routes, as a listed one does.
+        assert proxy.client.get("/v1/models", headers=bearer(SECOND_ADMIN_KEY)).status_code == 200
 
     # No key ever reaches the database file.
     data = b"".join(path.read_bytes() for path in tmp_path.glob("cases.db*"))
