@@ -77,7 +77,7 @@ def insert_raw(url: str, rows: list[tuple[str, float, str, str]]) -> None:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)", values)
             connection.commit()
     else:
-        with psycopg.connect(url, autocommit=True) as connection, connection.cursor() as cur:
+        with psycopg.connect(url, autocommit=True) as server, server.cursor() as cur:
             cur.executemany(
                 "INSERT INTO cases (id, created_at, model, action, flagged, error, record) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb)", values)
