@@ -175,7 +175,10 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_keys: list[str] = Field(default_factory=list)
-    admin_keys: list[str] = Field(default_factory=list)
+    admin_keys: list[str] | dict[str, str] = Field(default_factory=list)
+    """Keys for ``/admin``: a list (named ``admin-key-1``, ``admin-key-2``... in order) or a
+    mapping name -> key. The name, never the key, is what a review label records as its
+    author."""
     reasoning_field: Literal["reasoning_content", "reasoning", "both", "hidden"] = (
         "reasoning_content"
     )
@@ -183,6 +186,23 @@ class ServerConfig(_Section):
     cors_origins: list[str] = Field(default_factory=list)
     """Browser origins allowed to call the proxy; empty = no CORS headers at all."""
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _named_keys(cls, value: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
+        if isinstance(value, dict) and any(not name.strip() for name in value):
+            raise ValueError("an admin key's name must not be empty")
+        keys = value.values() if isinstance(value, dict) else value
+        if any(not key for key in keys):
+            raise ValueError("an admin key must not be empty")
+        return value
+
+    def named_admin_keys(self) -> list[tuple[str, str]]:
+        """``(name, key)`` for every admin key."""
+        if isinstance(self.admin_keys, dict):
+            return list(self.admin_keys.items())
+        return [(f"admin-key-{number}", key)
+                for number, key in enumerate(self.admin_keys, start=1)]
 
 
 class Config(_Section):

@@ -1,22 +1,39 @@
-"""Admin routes: read the case records (admin key required when keys are configured)."""
+"""Admin routes: read the case records and label them (admin key required when keys are
+configured)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail.cases.model import Action
+from guardrail.cases.model import Action, ReviewLabel, ReviewVerdict
 from server.errors import ClientError
 from server.services import Services
 
 router = APIRouter(prefix="/admin")
+
+MAX_NOTE_CHARS = 4000
 
 
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     services.auth.admin(request)
     return services
+
+
+def _admin_name(request: Request) -> str:
+    """The admin key's name; a dependency, so the key is checked before the body is read."""
+    services: Services = request.app.state.services
+    return services.auth.admin(request)
+
+
+class LabelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: ReviewVerdict
+    note: str | None = Field(default=None, max_length=MAX_NOTE_CHARS)
 
 
 @router.get("/cases")
@@ -42,3 +59,17 @@ async def get_case(request: Request, case_id: str) -> dict[str, Any]:
     return body
 
 
+@router.post("/cases/{case_id}/label")
+async def label_case(
+    request: Request, case_id: str, body: LabelRequest,
+    by: Annotated[str, Depends(_admin_name)],
+) -> dict[str, Any]:
+    """Stores a review label with the case: the label, the admin key's name, the time."""
+    services: Services = request.app.state.services
+    review = ReviewLabel(label=body.label, by=by, note=body.note or None)
+    case = await services.store.set_review(case_id, review)
+    if case is None:
+        raise ClientError(404, f"no case with id {case_id!r}", error_type="not_found_error",
+                          param="case_id")
+    result: dict[str, Any] = case.model_dump()
+    return result

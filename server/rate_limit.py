@@ -74,7 +74,7 @@ class RateLimitMiddleware:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self.limiter = RateLimiter(server.rate_limit, clock)
-        self.keys = list(server.api_keys) + list(server.admin_keys)
+        self.keys = list(server.api_keys) + [key for _, key in server.named_admin_keys()]
 
     def _identity(self, scope: Scope) -> str:
         token = bearer_token(Headers(scope=scope))

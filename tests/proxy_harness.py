@@ -78,8 +78,8 @@ class Proxy:
             time.sleep(0.02)
 
     def admin_headers(self) -> dict[str, str]:
-        keys = self.config.server.admin_keys
-        return {"authorization": f"Bearer {keys[0]}"} if keys else {}
+        keys = self.config.server.named_admin_keys()
+        return {"authorization": f"Bearer {keys[0][1]}"} if keys else {}
 
 
 def sse_events(raw: bytes) -> list[Any]:

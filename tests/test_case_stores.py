@@ -10,7 +10,7 @@ import random
 import socket
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -24,8 +24,6 @@ from guardrail.cases.recorder import CaseRecorder, read_fallback
 from guardrail.cases.sqlite_store import SQLiteCaseStore
 from guardrail.config import StoreConfig
 from guardrail.errors import ConfigError, StoreError
-
-# The session-wide PostgreSQL server; move to tests/conftest.py when other modules need it.
 
 
 def _closed_port() -> int:
@@ -73,35 +71,6 @@ def full_case(number: int = 0, *, created_at: float | None = None, action: str =
                            guard_total_ms=98.75, guard_max_ms=57.25),
         "error": error,
     })
-
-
-@pytest.fixture
-def pg_schema_url(postgres_url: str) -> Iterator[str]:
-    """The server's URL with a fresh schema first on the search path: tests do not share rows."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    yield f"{postgres_url}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/cases.db"  # tmp_path is absolute: four slashes
-    url: str = request.getfixturevalue("pg_schema_url")
-    return url
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[CaseStore]:
-    opened = build_store(StoreConfig(url=store_url))
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
 
 
 # -- the contract, for both stores -----------------------------------------------------------

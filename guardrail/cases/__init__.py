@@ -3,8 +3,17 @@
 
 from __future__ import annotations
 
-from guardrail.cases.base import CaseStore
-from guardrail.cases.model import Action, Case, CaseSummary, Correction, Flag, StepRecord
+from guardrail.cases.base import CaseQuery, CaseStore
+from guardrail.cases.model import (
+    Action,
+    Case,
+    CaseSummary,
+    Correction,
+    Flag,
+    ReviewLabel,
+    StepRecord,
+)
+from guardrail.cases.scan import CaseScan
 from guardrail.config import StoreConfig
 from guardrail.errors import ConfigError
 from guardrail.registry import Registry
@@ -25,6 +34,6 @@ def build_store(config: StoreConfig) -> CaseStore:
 
 
 __all__ = [
-    "STORES", "Action", "Case", "CaseStore", "CaseSummary", "Correction", "Flag", "StepRecord",
-    "build_store",
+    "STORES", "Action", "Case", "CaseQuery", "CaseScan", "CaseStore", "CaseSummary",
+    "Correction", "Flag", "ReviewLabel", "StepRecord", "build_store",
 ]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from guardrail.cases.model import Action, Case, CaseSummary, ReviewLabel, ReviewVerdict
+from guardrail.cases.scan import CaseScan
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +33,11 @@ class CaseStore(Protocol):
         """Create the schema if needed; called once at start-up."""
 
     async def put(self, case: Case) -> None:
-        """Insert or replace the case with this id. Raises ``StoreError`` on failure."""
+        """Insert or replace the case with this id. Raises ``StoreError`` on failure.
+
+        A case without a ``review`` keeps the review already stored for its id: reviews are
+        set by :meth:`set_review`, and the proxy's final write of a case someone labelled while
+        it streamed must not erase the label."""
 
     async def get(self, case_id: str) -> Case | None: ...
 
@@ -42,14 +46,17 @@ class CaseStore(Protocol):
     ) -> list[CaseSummary]:
         """Newest first."""
 
-    def scan(self, query: CaseQuery, *, batch_size: int = 500) -> AsyncIterator[Case]:
+    def scan(self, query: CaseQuery, *, batch_size: int = 500) -> CaseScan:
         """Every case matching ``query``, oldest first (``created_at``, then ``id``), read in
         batches of ``batch_size`` with a cursor, so memory stays flat however many there are.
-        A record that cannot be read is skipped and logged, never fatal."""
+        A record that cannot be read (malformed, or of a schema version this code does not
+        know) is skipped, logged and counted in the returned scan's ``skipped`` and
+        ``problems``, never fatal."""
         ...
 
     async def set_review(self, case_id: str, review: ReviewLabel) -> Case | None:
-        """Store ``review`` with the case; the updated case, or None if there is none."""
+        """Store ``review`` with the case; the updated case, or None if there is none.
+        ``StoreError`` if the stored record cannot be read (it is left as it is)."""
 
     async def put_unless_complete(self, case: Case) -> bool:
         """``put`` unless the store already holds a ``complete`` record of this id and

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, model_validator
 
 Action = Literal["pass", "intervened", "rewritten", "refused", "blocked", "error"]
 CaseStatus = Literal["in_progress", "complete"]
@@ -19,6 +19,11 @@ SCHEMA_VERSION = 2
 """The Case schema this code writes. 1: records written before the version was recorded (no
 ``schema_version`` field); 2: adds ``schema_version``, ``review``, and ``Correction.cause`` /
 ``outcome``. Readers accept every version up to this one."""
+
+
+def _is_stored(info: ValidationInfo) -> bool:
+    context = info.context
+    return info.mode == "json" or (isinstance(context, dict) and bool(context.get("stored")))
 
 
 def new_case_id() -> str:
@@ -86,7 +91,9 @@ class Timings(BaseModel):
 
 class Case(BaseModel):
     schema_version: int = SCHEMA_VERSION
-    """New cases are stamped ``SCHEMA_VERSION``; a stored record without the field is 1."""
+    """New cases are stamped ``SCHEMA_VERSION``; a stored record without the field is 1. A
+    stored record is one read from JSON (``model_validate_json``, as every store and the
+    fallback file read them) or validated with ``context={"stored": True}``."""
     id: str = Field(default_factory=new_case_id)
     created_at: float = Field(default_factory=time.time)
     model: str | None = None
@@ -114,14 +121,19 @@ class Case(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _versioned(cls, data: Any) -> Any:
+    def _versioned(cls, data: Any, info: ValidationInfo) -> Any:
         if isinstance(data, dict):
-            version = data.get("schema_version", 1)
-            if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+            version = data.get("schema_version")
+            if version is None and _is_stored(info):
+                # Only a stored record without the field is version 1; a case built in code
+                # (``Case(model=...)``) is a new one and gets the field's default.
+                data = {**data, "schema_version": 1}
+                version = 1
+            if version is not None and (
+                    not isinstance(version, int) or isinstance(version, bool)
+                    or not 1 <= version <= SCHEMA_VERSION):
                 raise ValueError(f"case schema_version {version!r} is not one this version "
                                  f"reads (1 to {SCHEMA_VERSION}); upgrade reasoning-guardrail")
-            if "schema_version" not in data:
-                data = {**data, "schema_version": 1}
         return data
 
     @property

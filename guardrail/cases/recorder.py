@@ -12,7 +12,8 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from guardrail.cases.base import CaseStore
@@ -103,19 +104,40 @@ class CaseRecorder:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableLine:
+    """A fallback line that is not a case (torn by a crash, or of an unknown schema version)."""
+
+    number: int
+    problem: str
+
+
+def iter_fallback(path: str | Path) -> Iterator[Case | UnreadableLine]:
+    """The cases kept in a fallback file, in the order they were written, read a line at a
+    time (the file can be large after a long outage); a line that is not a case comes as an
+    ``UnreadableLine`` in its place. ``FileNotFoundError`` if there is no file."""
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield Case.model_validate_json(line)
+            except ValueError as exc:
+                lines_of = [part.strip() for part in str(exc).splitlines() if part.strip()]
+                yield UnreadableLine(number, " ".join(lines_of[:3])[:300])
+
+
 def read_fallback(path: str | Path) -> list[Case]:
     """The cases kept in a fallback file, in the order they were written (for replay)."""
     cases: list[Case] = []
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        for entry in iter_fallback(path):
+            if isinstance(entry, UnreadableLine):
+                # A line torn by a crash mid-write must not hide the others.
+                logger.warning("%s line %d is not a case, skipped: %s",
+                               path, entry.number, entry.problem)
+            else:
+                cases.append(entry)
     except FileNotFoundError:
-        return cases
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            cases.append(Case.model_validate_json(line))
-        except ValueError as exc:
-            # A line torn by a crash mid-write must not hide the others.
-            logger.warning("%s line %d is not a case, skipped: %s", path, number, exc)
+        pass
     return cases
