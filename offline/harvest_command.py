@@ -137,7 +137,8 @@ async def gather(store_url: str, options: HarvestConfig) -> Gathered:
         actions = (*actions, "pass")
     query = CaseQuery(since=options.since, until=options.until)
     try:
-        async for case in store.scan(query, batch_size=options.batch_size):
+        scan = store.scan(query, batch_size=options.batch_size)
+        async for case in scan:
             gathered.total += 1
             if case.action not in actions:
                 continue
@@ -147,6 +148,7 @@ async def gather(store_url: str, options: HarvestConfig) -> Gathered:
             material = material_of(case)
             if material is not None:
                 gathered.intercepted.append(material)
+        gathered.unreadable = scan.skipped
     except GuardrailError as error:
         raise HarvestError(f"store {store_url}: {error}") from None
     finally:
@@ -311,7 +313,9 @@ async def harvest(options: HarvestConfig, config: Config, store_url: str) -> Har
 
     funnel = Funnel()
     gathered = await gather(store_url, options)
-    funnel.note("cases", gathered.total, Counter())
+    funnel.note("cases", gathered.total,
+                Counter({"unreadable records": gathered.unreadable} if gathered.unreadable
+                        else {}))
     items = gathered.intercepted
     funnel.note("intercepted", len(items), Counter(
         {"passed, blocked, errors or in progress": gathered.total - len(items)}))

@@ -46,9 +46,14 @@ def served_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     with serve_app(create_app(config_from_mapping(data)), startup_timeout_s=120) as url, \
             openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
         for number, prompt in enumerate([trace.prompt for trace in TRACES] + OWN_PROMPTS):
-            client.chat.completions.create(
-                model="guardrail-demo", messages=[{"role": "user", "content": prompt}],
-                stream=bool(number % 2))
+            messages: list[Any] = [{"role": "user", "content": prompt}]
+            if number % 2:
+                with client.chat.completions.create(model="guardrail-demo", messages=messages,
+                                                    stream=True) as stream:
+                    for _ in stream:  # read to the end, as a client does
+                        pass
+            else:
+                client.chat.completions.create(model="guardrail-demo", messages=messages)
     monkeypatch.undo()
     yield config_file, store
 
