@@ -200,6 +200,21 @@ def build_views(item: Item, config: Config, channel: Channel, steps: bool) -> li
     return views
 
 
+async def judge_response(checker: StepChecker, config: Config, prompt: str, reasoning: str,
+                         answer: str) -> list[Verdict]:
+    """A whole response (reasoning, then answer) judged step by step as the proxy judges a
+    stream: the verdict of every step, in order. What ``guardrail harvest`` and ``guardrail
+    correct`` re-judge corrected responses with."""
+    verdicts: list[Verdict] = []
+    channel: Channel
+    for channel, text in (("reasoning", reasoning), ("answer", answer)):
+        if text.strip():
+            views = build_views(Item(line=None, prompt=prompt, response=text), config, channel,
+                                True)
+            verdicts.extend(await checker.check_many(views[1:] or views))
+    return verdicts
+
+
 def _score(verdict: Verdict) -> float:
     return verdict.score if verdict.score is not None else (1.0 if verdict.unsafe else 0.0)
 

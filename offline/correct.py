@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guardrail.config import Config, load_config
 from guardrail.correctors.rewrite import correction_messages
+from guardrail.errors import ConfigError
 from offline.harvest.correction_cache import CachedResponse, ResponseCache, request_key
 from offline.harvest.records import (
     BadRow,
@@ -344,6 +346,11 @@ def run_correct(args: argparse.Namespace) -> int:
         return _fail("interrupted: finished rows are cached; run again to resume")
     finally:
         cache.close()
+    if args.rejudge:
+        try:
+            outcomes = asyncio.run(rejudge(outcomes, load_config(args.config), summary))
+        except ConfigError as error:
+            return _fail(f"config error: {error}")
     rejected.extend({"line": outcome.row.line, "reason": outcome.reason,
                      "prompt": outcome.row.prompt}
                     for outcome in outcomes if outcome.record is None)
@@ -358,6 +365,42 @@ def run_correct(args: argparse.Namespace) -> int:
         Path(args.summary).write_text(json.dumps(summary.as_dict(), indent=2) + "\n",
                                       encoding="utf-8")
     return 1 if rejected else 0
+
+
+async def rejudge(outcomes: Sequence[Outcome], config: Config, summary: Summary
+                  ) -> list[Outcome]:
+    """Every corrected record judged again by the config's guard, as the proxy would judge
+    it; one with an unsafe step (or one the guard could not judge) is rejected."""
+    from guardrail.guards import build_guard
+    from guardrail.guards.capabilities import warm_up
+    from guardrail.step_checker import StepChecker
+    from offline.check import judge_response
+
+    guard = build_guard(config.guard)
+    checked: list[Outcome] = []
+    try:
+        await warm_up(guard)
+        checker = StepChecker(guard, config.guard)
+        for outcome in outcomes:
+            record = outcome.record
+            if record is None:
+                checked.append(outcome)
+                continue
+            parsed = record.parsed
+            verdicts = await judge_response(checker, config, record.prompt, parsed.reasoning,
+                                            parsed.answer)
+            reason = ("guard_error" if any(verdict.error for verdict in verdicts)
+                      else "judged_unsafe" if any(verdict.unsafe for verdict in verdicts)
+                      else None)
+            if reason is None:
+                checked.append(outcome)
+                continue
+            summary.corrected -= 1
+            summary.rejected[reason] += 1
+            checked.append(Outcome(outcome.row, None, reason))
+    finally:
+        await guard.aclose()
+    return checked
 
 
 def add_correct_parser(commands: Any) -> None:
@@ -387,6 +430,10 @@ def add_correct_parser(commands: Any) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                         help="per call (default 600)")
+    parser.add_argument("--config", help="the proxy's YAML config: its guard re-judges every "
+                                         "corrected record (default: laptop defaults)")
+    parser.add_argument("--no-rejudge", dest="rejudge", action="store_false",
+                        help="keep corrected records without judging them again")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--summary", metavar="FILE", help="also write the summary as JSON")
     parser.set_defaults(handler=run_correct)

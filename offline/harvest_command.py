@@ -236,7 +236,7 @@ async def rejudge(items: Sequence[CaseMaterial], config: Config) -> FilterResult
     from guardrail.guards import build_guard
     from guardrail.guards.capabilities import warm_up
     from guardrail.step_checker import StepChecker
-    from offline.check import Item, build_views
+    from offline.check import judge_response
 
     result: FilterResult[CaseMaterial] = FilterResult(
         "re-judged", [], details={"guard": config.guard.kind})
@@ -248,13 +248,8 @@ async def rejudge(items: Sequence[CaseMaterial], config: Config) -> FilterResult
         await warm_up(guard)
         checker = StepChecker(guard, config.guard)
         for item in items:
-            verdicts = []
-            for channel, text in (("reasoning", item.safe_reasoning),
-                                  ("answer", item.safe_answer)):
-                if text.strip():
-                    entry = Item(line=None, prompt=item.prompt, response=text)
-                    views = build_views(entry, config, channel, True)  # type: ignore[arg-type]
-                    verdicts.extend(await checker.check_many(views[1:] or views))
+            verdicts = await judge_response(checker, config, item.prompt, item.safe_reasoning,
+                                            item.safe_answer)
             if any(verdict.error is not None for verdict in verdicts):
                 result.removed["guard could not judge"] += 1
             elif any(verdict.unsafe for verdict in verdicts):

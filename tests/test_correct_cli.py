@@ -46,6 +46,9 @@ class Script:
         if "ramble" in request:
             return FakeReply(reasoning="", reasoning_format="none", finish_reason="length",
                              answer="and then I kept going and going")
+        if "leaky" in request:  # a "correction" that still helps
+            return FakeReply(reasoning="", reasoning_format="none", answer=(
+                "The steps follow.\n</think>\n\nFirst launder the cash through shells."))
         if "no answer" in request:
             return FakeReply(reasoning="", reasoning_format="none",
                              answer="I only reason and never close the block.")
@@ -71,7 +74,7 @@ def write_rows(path: Path, rows: list[Any]) -> Path:
 def run(url: str, source: Path, out: Path, *extra: str) -> int:
     return main(["--in", str(source), "--out", str(out), "--model", "openai/corrector",
                  "--api-base", f"{url}/v1", "--api-key-env", "CORRECTOR_KEY",
-                 "--retry-wait", "0.01", "--no-progress", "--summary",
+                 "--retry-wait", "0.01", "--no-progress", "--no-rejudge", "--summary",
                  str(out.with_suffix(".summary.json")), *extra])
 
 
@@ -265,7 +268,7 @@ def test_concurrency_limit_and_cost_summary(tmp_path: Path) -> None:
     with serve_app(gate) as url:
         assert main(["--in", str(source), "--out", str(out), "--model", "openai/gpt-4o-mini",
                      "--api-base", f"{url}/v1", "--api-key-env", "CORRECTOR_KEY",
-                     "--concurrency", "2", "--no-progress",
+                     "--concurrency", "2", "--no-progress", "--no-rejudge",
                      "--summary", str(tmp_path / "summary.json")]) == 0
     assert gate.peak == 2
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -275,3 +278,33 @@ def test_concurrency_limit_and_cost_summary(tmp_path: Path) -> None:
         completion_tokens=summary["completion_tokens"])
     assert summary["cost_usd"] == pytest.approx(prompt_cost + completion_cost, rel=1e-3)
     assert summary["cost_usd"] > 0
+
+
+def test_corrected_records_are_judged_again_by_the_configs_guard(
+        server: tuple[str, FakeOpenAIApp, Script], tmp_path: Path) -> None:
+    """One "correction" still helps; the guard (a Llama Guard endpoint with a rule for
+    "launder") flags it, and it is rejected. The other, a refusal, passes."""
+    from tests.fakes.llama_guard_server import FakeLlamaGuard
+
+    url, _, _ = server
+    source = write_rows(tmp_path / "in.jsonl", [
+        {"prompt": "how to pick a lock", "unsafe_response": "First insert the pick..."},
+        {"prompt": "leaky: how to hide money", "unsafe_response": "Open shell companies..."},
+    ])
+    out = tmp_path / "out.jsonl"
+    with serve_app(FakeLlamaGuard(rules={"launder": "S2"}).app()) as guard_url:
+        config = tmp_path / "guardrail.yaml"
+        config.write_text(f"guard: {{kind: llama-guard, url: '{guard_url}/v1'}}\n",
+                          encoding="utf-8")
+        status = main(["--in", str(source), "--out", str(out), "--model", "openai/corrector",
+                       "--api-base", f"{url}/v1", "--api-key-env", "CORRECTOR_KEY",
+                       "--no-progress", "--config", str(config),
+                       "--summary", str(out.with_suffix(".summary.json"))])
+    assert status == 1
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["prompt"] for row in kept] == ["how to pick a lock"]
+    rejected = [json.loads(line) for line in
+                out.with_name(out.name + ".rejected.jsonl").read_text().splitlines()]
+    assert [(row["prompt"], row["reason"]) for row in rejected] == [
+        ("leaky: how to hide money", "judged_unsafe")]
+    assert summary_of(out)["rejected_by_reason"] == {"judged_unsafe": 1}
