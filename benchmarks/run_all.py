@@ -29,6 +29,7 @@ BENCHMARKS = {
     "guard_growth": ["-m", "benchmarks.guard_growth"],
     "embedded_guard_latency": ["benchmarks/embedded_guard_latency.py",
                                "--concurrency", "1,4,16,32"],
+    "harvest_scale": ["-m", "benchmarks.harvest_scale", "--cases", "20000,100000"],
 }
 
 
