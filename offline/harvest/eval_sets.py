@@ -12,8 +12,6 @@ Hub ids marked (unverified) below are the community copies the evaluation tools 
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,16 +105,13 @@ def _prompts(rows: Iterable[dict[str, object]], columns: Sequence[str], where: s
 
 
 def _read_local(path: Path) -> list[dict[str, object]]:
-    if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle))
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, list):
-        raise EvalSetError(f"{path}: expected a JSON array of objects")
-    return data
+    """Rows of a local copy, read as the public-set importers read theirs."""
+    from offline.harvest.importers import PublicSetError, read_local
+
+    try:
+        return read_local(path)
+    except PublicSetError as error:
+        raise EvalSetError(str(error)) from None
 
 
 def load_local(suite: Suite, data_dir: Path) -> EvalSet:
