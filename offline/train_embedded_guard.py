@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guardrail.guards.base import GuardView
-from guardrail.guards.linear_head import BLOCKS, LinearHead, ViewFeaturizer
+from guardrail.guards.embedded.head import BLOCKS, LinearHead, ViewFeaturizer
 from guardrail.steps import StepSplitter
 
 MAX_REQUEST_CHARS = 2000  # GuardConfig.max_request_chars' default: the proxy keeps the tail.
@@ -72,7 +72,7 @@ ConfigT = TypeVar("ConfigT")
 class TrainEmbeddedGuardConfig:
     data_dir: str = "../shared/data"
     """A folder laid out like the project's shared data (one sub-folder per source)."""
-    output_dir: str = "guardrail/guards/embedded_head"
+    output_dir: str = "guardrail/guards/embedded/weights"
     cache_dir: str = str(Path(tempfile.gettempdir()) / "guardrail-embedded-guard-cache")
     """Embeddings are cached here (keyed by encoder and text), so reruns take seconds."""
     encoder: str | None = None
@@ -548,7 +548,11 @@ def evaluate(examples: Sequence[Example], scores: Array, threshold: float) -> di
 
 
 def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
-    from guardrail.guards.encoder import DEFAULT_ENCODER_NAME, default_encoder_path, load_encoder
+    from guardrail.guards.embedded.encoder import (
+        DEFAULT_ENCODER_NAME,
+        default_encoder_path,
+        load_encoder,
+    )
 
     if config.export_heldout:
         return {"exported": export_heldout(config, Path(config.export_heldout))}

@@ -53,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guardrail.guards.base import GuardView
-from guardrail.guards.linear_head import LinearHead, ViewFeaturizer
+from guardrail.guards.embedded.head import LinearHead, ViewFeaturizer
 from offline.train_embedded_guard import (
     MAX_REQUEST_CHARS,
     Array,
@@ -82,7 +82,7 @@ class TrainRequestHeadConfig:
     """Optional: a folder with ``everyday_prompts/`` (Self-Instruct, MT-Bench, Vicuna-Bench
     questions) and ``simple_safety_tests/`` (SimpleSafetyTests). Not shipped; the released head
     was trained without them."""
-    output_dir: str = "guardrail/guards/embedded_head"
+    output_dir: str = "guardrail/guards/embedded/weights"
     cache_dir: str = str(Path(tempfile.gettempdir()) / "guardrail-embedded-guard-cache")
     """Shared with the step head's script: the same texts are not encoded twice."""
     encoder: str | None = None
@@ -317,7 +317,11 @@ def grid(values: str) -> list[float]:
 
 
 def main(config: TrainRequestHeadConfig) -> dict[str, Any]:
-    from guardrail.guards.encoder import DEFAULT_ENCODER_NAME, default_encoder_path, load_encoder
+    from guardrail.guards.embedded.encoder import (
+        DEFAULT_ENCODER_NAME,
+        default_encoder_path,
+        load_encoder,
+    )
 
     started = time.perf_counter()
     found = collect(config)

@@ -22,9 +22,9 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError
 from guardrail.guards import build_guard
 from guardrail.guards.base import GuardView
-from guardrail.guards.embedded import REQUEST_HEAD_FILE, SHIPPED_HEAD, EmbeddedGuard
-from guardrail.guards.encoder import SentenceEncoder, default_encoder_path, load_encoder
-from guardrail.guards.linear_head import LinearHead, load_head
+from guardrail.guards.embedded.encoder import SentenceEncoder, default_encoder_path, load_encoder
+from guardrail.guards.embedded.guard import REQUEST_HEAD_FILE, SHIPPED_HEAD, EmbeddedGuard
+from guardrail.guards.embedded.head import LinearHead, load_head
 from guardrail.guards.plumbing.cues import ComplianceCueGuard
 
 HARMFUL = [
@@ -159,7 +159,7 @@ async def test_concurrent_checks_are_batched_and_in_order(guard: EmbeddedGuard) 
     assert ticks >= min(10, elapsed / 0.001 / 4), (ticks, elapsed)
 
     # Reference: the same encoder and head, loaded separately, one view at a time.
-    from guardrail.guards.linear_head import ViewFeaturizer
+    from guardrail.guards.embedded.head import ViewFeaturizer
 
     encoder = load_encoder()
     head = guard.head
@@ -212,7 +212,7 @@ async def test_judge_request_verdicts_and_batching(guard: EmbeddedGuard) -> None
     verdicts = await asyncio.gather(*(guard.judge_request(text) for text in texts))
     assert guard.request_batches - before < len(texts) / 4
 
-    from guardrail.guards.linear_head import ViewFeaturizer
+    from guardrail.guards.embedded.head import ViewFeaturizer
 
     encoder = load_encoder()
     reference = ViewFeaturizer(
@@ -378,7 +378,7 @@ async def test_micro_batching_is_adaptive() -> None:
     of a burst to wait for company."""
     import threading
 
-    from guardrail.guards.microbatch import MicroBatcher
+    from guardrail.guards.plumbing.microbatch import MicroBatcher
 
     release = asyncio.Event()
     dispatched = threading.Event()

