@@ -208,7 +208,10 @@ def normalised(text: str) -> str:
 
 
 def _sample(rng: random.Random, rows: list[Any], limit: int) -> list[Any]:
-    return rows if len(rows) <= limit else rng.sample(rows, limit)
+    """``limit`` rows at random; a smaller limit takes a prefix of a larger one's choice."""
+    order = list(rows)
+    rng.shuffle(order)
+    return order[:limit]
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ def jbb_targets(data: Path, rng: random.Random) -> Iterator[Labelled]:
                             f"jbb{row['Index']}", JBB_CATEGORIES.get(row["Category"], ()))
 
 
-def gptfuzz(data: Path, rng: random.Random, per_class: int = 1200) -> Iterator[Labelled]:
+def gptfuzz(data: Path, rng: random.Random, per_class: int = 500) -> Iterator[Labelled]:
     questions = {row["index"]: row["text"] for row in
                  read_csv(data / "gptfuzz" / "question_list.csv")}
     seen: set[tuple[str, str]] = set()
@@ -272,7 +275,7 @@ def llm_self_defense(data: Path, rng: random.Random) -> Iterator[Labelled]:
                             normalised(row["prompt"]))
 
 
-def star1(data: Path, rng: random.Random, limit: int = 400) -> Iterator[Labelled]:
+def star1(data: Path, rng: random.Random, limit: int = 300) -> Iterator[Labelled]:
     for record in _sample(rng, read_json(data / "star1" / "STAR-1.json"), limit):
         yield _response("star1", record["question"], record["response"], 0, record["id"],
                         role="refusal")
@@ -295,13 +298,13 @@ def safedecoding(data: Path, rng: random.Random) -> Iterator[Labelled]:
             yield _response("safedecoding", prompt, answer, 0, normalised(prompt), role="refusal")
 
 
-def coconot_pref(data: Path, rng: random.Random, limit: int = 300) -> Iterator[Labelled]:
+def coconot_pref(data: Path, rng: random.Random, limit: int = 150) -> Iterator[Labelled]:
     for record in _sample(rng, read_jsonl(data / "coconot" / "coconot_pref.jsonl"), limit):
         for answer in (record["chosen"], record["rejected"]):
             yield _response("coconot-pref", record["prompt"], answer, 0, record["id"])
 
 
-def gpteacher(data: Path, rng: random.Random, limit: int = 300) -> Iterator[Labelled]:
+def gpteacher(data: Path, rng: random.Random, limit: int = 150) -> Iterator[Labelled]:
     for name in ("codegen-instruct.json", "roleplay-simple-deduped-roleplay-instruct.json"):
         for number, record in enumerate(_sample(rng, read_json(data / "gpteacher" / name), limit)):
             prompt = f"{record['instruction']}\n\n{record.get('input', '')}".strip()
@@ -312,7 +315,7 @@ def _turn_text(turn: Any) -> str:
     return str(turn["content"]) if isinstance(turn, dict) else str(turn)
 
 
-def arena_hard(data: Path, rng: random.Random, limit: int = 300) -> Iterator[Labelled]:
+def arena_hard(data: Path, rng: random.Random, limit: int = 150) -> Iterator[Labelled]:
     questions = {row["question_id"]: _turn_text(row["turns"][0])
                  for row in read_jsonl(data / "arena_hard" / "question.jsonl")}
     answers = read_jsonl(data / "arena_hard" / "model_answer" / "gpt-4-0613.jsonl")

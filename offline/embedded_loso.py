@@ -1,0 +1,337 @@
+"""Leave-one-source-out evaluation of the embedded guard: hold out a whole source, train on the
+rest, test on it, with the threshold chosen on (a validation part of) the training sources only.
+
+Responses: one fold per trainable response source (the JailbreakBench family — attack
+artifacts and behaviour targets, which share their 100 behaviours — is one fold); the
+evaluation-only sets (JBB judge comparison, JailbreakEval: human labels; Self-Instruct answers)
+are never trained on, and are scored by the JailbreakBench fold's model too, since they share
+JBB's behaviours. Requests (the request head): one fold per request source.
+
+The same run measures the shipped heads ("today") on every source, as the proxy's
+``guardrail check`` judges a response: the whole response as one step (its first 256 tokens),
+the request's last 64 tokens.
+
+    python -m offline.embedded_loso --data-dir ../shared/data --out loso.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offline.embedded_data import Labelled, load_requests, load_responses
+from offline.embedded_features import ResponseSet, embed_requests, embed_responses
+from offline.embedded_model import (
+    Array,
+    FitSettings,
+    balanced_weights,
+    choose_threshold,
+    fit_linear,
+    fit_mil,
+    held_out,
+    report,
+    response_scores,
+    sigmoid,
+    window_features,
+)
+from offline.embedding_cache import EmbeddingCache
+
+JBB_FAMILY = ("jbb-artifacts", "jbb-targets")
+RESPONSE_FPR = {"refusal": 0.02, "benign-answer": 0.02}
+REQUEST_FPR = {"everyday": 0.01}
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    blocks: tuple[str, ...] = ("step", "request", "step*request")
+    fit: FitSettings = field(default_factory=FitSettings)
+    val_fraction: float = 0.2
+    max_fpr: dict[str, float] = field(default_factory=lambda: dict(RESPONSE_FPR))
+
+
+@dataclass
+class FittedResponseHead:
+    blocks: tuple[str, ...]
+    weights: Array
+    bias: float
+    threshold: float
+
+    def scores(self, data: ResponseSet) -> Array:
+        return response_scores(data, self.blocks, self.weights, self.bias)
+
+
+def fit_response_head(data: ResponseSet, recipe: HeadRecipe) -> FittedResponseHead:
+    """Fit on the training part of ``data``'s groups, choose the threshold on the rest."""
+    val = [i for i, r in enumerate(data.records)
+           if held_out(r.group, recipe.fit.seed, recipe.val_fraction)]
+    val_set = set(val)
+    train = [i for i in range(len(data.records)) if i not in val_set]
+    part = data.subset(train)
+    weights, bias = fit_mil(window_features(part, recipe.blocks), part.owner,
+                            np.array([r.label for r in part.records], dtype=np.float64),
+                            balanced_weights(part.records, recipe.fit.source_balance),
+                            recipe.fit)
+    head = FittedResponseHead(recipe.blocks, weights, bias, 0.5)
+    # A set too small to hold out both classes (a team's few rows): chosen on what it trained on.
+    check = data.subset(val if _both_classes([data.records[i] for i in val]) else train)
+    head.threshold = choose_threshold(check.records, head.scores(check), recipe.max_fpr)
+    return head
+
+
+@dataclass
+class FittedRequestHead:
+    weights: Array
+    bias: float
+    threshold: float
+
+    def scores(self, vectors: np.ndarray) -> Array:
+        return sigmoid(vectors.astype(np.float64) @ self.weights + self.bias)
+
+
+def fit_request_head(records: Sequence[Labelled], vectors: np.ndarray, settings: FitSettings,
+                     val_fraction: float = 0.2,
+                     max_fpr: dict[str, float] | None = None) -> FittedRequestHead:
+    val = np.array([held_out(r.group, settings.seed, val_fraction) for r in records])
+    train = [r for r, v in zip(records, val, strict=True) if not v]
+    weights, bias = fit_linear(vectors[~val],
+                               np.array([r.label for r in train], dtype=np.float64),
+                               balanced_weights(train, settings.source_balance), settings)
+    head = FittedRequestHead(weights, bias, 0.5)
+    checked = [r for r, v in zip(records, val, strict=True) if v]
+    if not _both_classes(checked):
+        val = ~val
+        checked = train
+    head.threshold = choose_threshold(checked, head.scores(vectors[val]),
+                                      max_fpr if max_fpr is not None else dict(REQUEST_FPR))
+    return head
+
+
+def _both_classes(records: Sequence[Labelled]) -> bool:
+    return len({record.label for record in records}) == 2
+
+
+# -- folds --------------------------------------------------------------------------------------
+
+
+def response_folds(records: Sequence[Labelled]) -> list[tuple[str, tuple[str, ...]]]:
+    trainable = sorted({r.source for r in records if not r.eval_only})
+    folds: list[tuple[str, tuple[str, ...]]] = [("jailbreakbench", JBB_FAMILY)]
+    folds += [(source, (source,)) for source in trainable if source not in JBB_FAMILY]
+    return folds
+
+
+def loso_responses(data: ResponseSet, recipe: HeadRecipe,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    """Per held-out source: the report of the model trained without it; plus the evaluation-only
+    sets scored by the all-sources model and by the JBB-family fold."""
+    records = data.records
+    results: dict[str, Any] = {}
+    eval_only = [i for i, r in enumerate(records) if r.eval_only]
+    for name, sources in response_folds(records):
+        started = time.perf_counter()
+        train = [i for i, r in enumerate(records) if not r.eval_only and r.source not in sources]
+        test = [i for i, r in enumerate(records) if r.source in sources]
+        head = fit_response_head(data.subset(train), recipe)
+        tested = data.subset(test)
+        results[name] = report(tested.records, head.scores(tested), head.threshold)
+        results[name]["threshold"] = round(head.threshold, 4)
+        if name == "jailbreakbench":  # the judge sets share JBB's behaviours: unseen here too
+            for source in sorted({records[i].source for i in eval_only}):
+                chosen = data.subset([i for i in eval_only if records[i].source == source])
+                results[f"{source} (without JBB)"] = report(
+                    chosen.records, head.scores(chosen), head.threshold)
+        progress(f"fold {name}: {time.perf_counter() - started:.0f}s")
+    head = fit_response_head(data.subset([i for i, r in enumerate(records) if not r.eval_only]),
+                             recipe)
+    for source in sorted({records[i].source for i in eval_only}):
+        chosen = data.subset([i for i in eval_only if records[i].source == source])
+        results[f"{source} (all sources)"] = report(chosen.records, head.scores(chosen),
+                                                    head.threshold)
+    results["_threshold_all_sources"] = round(head.threshold, 4)
+    return results
+
+
+def loso_requests(records: Sequence[Labelled], vectors: np.ndarray, settings: FitSettings,
+                  progress: Callable[[str], None]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    trainable = sorted({r.source for r in records if not r.eval_only})
+    for source in trainable + sorted({r.source for r in records if r.eval_only}):
+        train = np.array([not r.eval_only and r.source != source for r in records])
+        test = np.array([r.source == source for r in records])
+        head = fit_request_head([r for r, t in zip(records, train, strict=True) if t],
+                                vectors[train], settings)
+        tested = [r for r, t in zip(records, test, strict=True) if t]
+        results[source] = report(tested, head.scores(vectors[test]), head.threshold)
+        results[source]["threshold"] = round(head.threshold, 4)
+        progress(f"request fold {source}")
+    return results
+
+
+# -- today's shipped heads ----------------------------------------------------------------------
+
+
+def shipped_baseline(responses: Sequence[Labelled], requests: Sequence[Labelled],
+                     cache: EmbeddingCache) -> dict[str, Any]:
+    """The shipped step head judging each whole response as one step (first 256 tokens, as
+    ``guardrail check`` does), and the shipped request head judging each request."""
+    from guardrail.guards.embedded.guard import REQUEST_HEAD_FILE, SHIPPED_HEAD
+    from guardrail.guards.embedded.head import load_head
+
+    step_head = load_head(SHIPPED_HEAD / "head.json")
+    steps = cache.encode([r.response for r in responses], step_head.step_max_tokens, "right",
+                         desc="whole responses")
+    prompts = cache.encode([r.prompt for r in responses], step_head.request_max_tokens, "left",
+                           desc="prompts (64)")
+    features = step_head.assemble(steps, np.zeros_like(steps) if step_head.uses_context
+                                  else None, prompts)
+    step_scores = step_head.scores(features)
+    out: dict[str, Any] = {"responses": {}, "requests": {}}
+    for source in sorted({r.source for r in responses}):
+        chosen = [i for i, r in enumerate(responses) if r.source == source]
+        out["responses"][source] = report([responses[i] for i in chosen], step_scores[chosen],
+                                          step_head.threshold)
+    request_head = load_head(SHIPPED_HEAD / REQUEST_HEAD_FILE)
+    vectors = cache.encode([r.prompt for r in requests], request_head.request_max_tokens,
+                           "left", desc="requests")
+    request_scores = request_head.scores(request_head.assemble(None, None, vectors))
+    for source in sorted({r.source for r in requests}):
+        chosen = [i for i, r in enumerate(requests) if r.source == source]
+        out["requests"][source] = report([requests[i] for i in chosen], request_scores[chosen],
+                                         request_head.threshold)
+    return out
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _rate(row: dict[str, Any], role: str) -> str:
+    value = row.get(f"flagged_{role}")
+    if not isinstance(value, dict):
+        return "-"
+    return f"{100 * value['rate']:.1f} % ({value['flagged']}/{value['n']})"
+
+
+def response_table(results: dict[str, Any], title: str) -> str:
+    lines = [f"| {title} | n (harmful) | precision | recall | F1 | AUROC | harmful flagged "
+             "| refusals flagged | benign answers flagged |", "|---" * 9 + "|"]
+    for name, row in results.items():
+        if name.startswith("_"):
+            continue
+        lines.append(f"| {name} | {row['n']} ({row['harmful']}) | {_cell(row, 'precision')} | "
+                     f"{_cell(row, 'recall')} | {_cell(row, 'f1')} | {_cell(row, 'auroc')} | "
+                     f"{_rate(row, 'harmful')} | {_rate(row, 'refusal')} | "
+                     f"{_rate(row, 'benign-answer')} |")
+    return "\n".join(lines)
+
+
+def request_table(results: dict[str, Any], title: str) -> str:
+    lines = [f"| {title} | n (harmful) | F1 | AUROC | harmful flagged | look-alikes flagged "
+             "| everyday flagged |", "|---|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        lines.append(f"| {name} | {row['n']} ({row['harmful']}) | {_cell(row, 'f1')} | "
+                     f"{_cell(row, 'auroc')} | {_rate(row, 'harmful')} | "
+                     f"{_rate(row, 'lookalike')} | {_rate(row, 'everyday')} |")
+    return "\n".join(lines)
+
+
+def pooled(results: dict[str, Any], names: Sequence[str], role: str) -> dict[str, float]:
+    """Summed flagged / n of ``role`` over the named folds."""
+    flagged = n = 0
+    for name in names:
+        value = results.get(name, {}).get(f"flagged_{role}")
+        if isinstance(value, dict):
+            flagged += value["flagged"]
+            n += value["n"]
+    return {"rate": round(flagged / n, 4) if n else 0.0, "flagged": flagged, "n": n}
+
+
+def summary(responses: dict[str, Any], requests: dict[str, Any]) -> dict[str, Any]:
+    """The figures the issue names: cross-source F1 (mean over held-out sources that have both
+    classes), refusals, benign answers and everyday requests flagged (pooled)."""
+    folds = [name for name in responses if not name.startswith("_") and "all sources" not in name]
+    f1 = {name: responses[name]["f1"] for name in folds if "f1" in responses[name]}
+    return {
+        "cross_source_f1": f1,
+        "cross_source_f1_mean": round(float(np.mean(list(f1.values()))), 4) if f1 else None,
+        "refusals_flagged": pooled(responses, folds, "refusal"),
+        "benign_answers_flagged": pooled(responses, folds, "benign-answer"),
+        "everyday_requests_flagged": pooled(requests, list(requests), "everyday"),
+        "lookalike_requests_flagged": pooled(requests, list(requests), "lookalike"),
+        "harmful_requests_flagged": pooled(requests, list(requests), "harmful"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import torch
+
+    from guardrail.guards.embedded.encoder import default_encoder_path, load_encoder
+    from offline.embedding_cache import encoder_fingerprint
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--cache-dir", default=".cache/embeddings")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--blocks", default="step,request,step*request")
+    parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--source-balance", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-requests", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = Path(args.data_dir)
+    encoder = load_encoder()
+    cache = EmbeddingCache(Path(args.cache_dir), encoder,
+                           encoder_fingerprint(default_encoder_path()))
+    responses = load_responses(data, args.seed)
+    requests = load_requests(data, args.seed)
+    settings = FitSettings(l2=args.l2, steps=args.steps, source_balance=args.source_balance,
+                           seed=args.seed)
+    recipe = HeadRecipe(blocks=tuple(b for b in args.blocks.split(",") if b), fit=settings)
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    out: dict[str, Any] = {"recipe": {"blocks": list(recipe.blocks), "l2": args.l2,
+                                      "steps": args.steps,
+                                      "source_balance": args.source_balance,
+                                      "seed": args.seed}}
+    if not args.skip_baseline:
+        out["today"] = shipped_baseline(responses, requests, cache)
+        print(response_table(out["today"]["responses"], "today: source"))
+        print()
+        print(request_table(out["today"]["requests"], "today: request source"))
+        print()
+    response_data = embed_responses(responses, cache)
+    out["responses"] = loso_responses(response_data, recipe, say)
+    print(response_table(out["responses"], "held-out source"))
+    print()
+    if not args.skip_requests:
+        vectors = embed_requests(requests, cache)
+        out["requests"] = loso_requests(requests, vectors, settings, say)
+        print(request_table(out["requests"], "held-out request source"))
+        print()
+    out["summary"] = summary(out["responses"], out.get("requests", {}))
+    print(json.dumps(out["summary"], indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+if __name__ == "__main__":
+    main()
