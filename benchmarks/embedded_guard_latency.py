@@ -7,6 +7,10 @@ request and the context steps). Reported per concurrency level: median and p95 l
 check, throughput, and how many checks each forward pass judged on average.
 
     .venv/bin/python benchmarks/embedded_guard_latency.py --concurrency 1,4,16,32
+
+``--model DIR`` (repeatable) measures other heads (``guard.model`` folders) in the same run, side
+by side with the shipped one, level by level in turn, so that a shared machine's drift hits all
+of them alike.
 """
 
 from __future__ import annotations
@@ -66,30 +70,39 @@ async def run_level(guard: EmbeddedGuard, concurrency: int, steps: int) -> dict[
     }
 
 
-async def main(levels: list[int], steps: int) -> None:
+async def main(levels: list[int], steps: int, models: list[str]) -> None:
     # The step checks alone: the compliance-cue wrapper adds nothing for these benign steps.
-    guard = build_guard(GuardConfig(kind="embedded", compliance_cues=False))
-    assert isinstance(guard, EmbeddedGuard)
-    started = time.perf_counter()
-    await asyncio.to_thread(guard.warm_up)
-    load_s = time.perf_counter() - started
-    await run_level(guard, 2, 3)  # first passes allocate; keep them out of the figures
+    guards: dict[str, EmbeddedGuard] = {}
+    loads: list[str] = []
+    for model in [None, *models]:
+        guard = build_guard(GuardConfig(kind="embedded", compliance_cues=False, model=model))
+        assert isinstance(guard, EmbeddedGuard)
+        started = time.perf_counter()
+        await asyncio.to_thread(guard.warm_up)
+        name = model or "shipped"
+        loads.append(f"{name} {time.perf_counter() - started:.1f} s")
+        await run_level(guard, 2, 3)  # first passes allocate; keep them out of the figures
+        guards[name] = guard
 
     import torch
 
     print("## embedded_guard_latency.py: the embedded guard's latency per step\n")
     print(f"`python benchmarks/embedded_guard_latency.py --concurrency "
-          f"{','.join(map(str, levels))}`: {steps} benign steps checked by each of N concurrent "
-          f"streams; torch {torch.__version__} with {torch.get_num_threads()} threads; guard "
-          f"load {load_s:.1f} s. Aim: at most 10 ms median per step.\n")
-    print("| concurrent streams | checks | median ms | p95 ms | checks/s "
+          f"{','.join(map(str, levels))}"
+          f"{''.join(f' --model {model}' for model in models)}`: {steps} benign steps checked "
+          f"by each of N concurrent streams; torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads; guard load {', '.join(loads)}.\n")
+    print("| head | concurrent streams | checks | median ms | p95 ms | checks/s "
           "| steps per forward pass |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for level in levels:
-        row = await run_level(guard, level, steps)
-        print(f"| {level} | {row['checks']:.0f} | {row['median_ms']:.1f} | {row['p95_ms']:.1f} "
-              f"| {row['checks_per_s']:.1f} | {row['checks_per_batch']:.1f} |")
-    await guard.aclose()
+        for name, guard in guards.items():
+            row = await run_level(guard, level, steps)
+            print(f"| {name} | {level} | {row['checks']:.0f} | {row['median_ms']:.1f} "
+                  f"| {row['p95_ms']:.1f} | {row['checks_per_s']:.1f} "
+                  f"| {row['checks_per_batch']:.1f} |")
+    for guard in guards.values():
+        await guard.aclose()
 
 
 if __name__ == "__main__":
@@ -97,5 +110,8 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", default="1,4,16,32",
                         help="comma-separated numbers of concurrent streams")
     parser.add_argument("--steps", type=int, default=24, help="steps each stream checks")
+    parser.add_argument("--model", action="append", default=[],
+                        help="another guard.model folder to measure alongside (repeatable)")
     arguments = parser.parse_args()
-    asyncio.run(main([int(n) for n in arguments.concurrency.split(",")], arguments.steps))
+    asyncio.run(main([int(n) for n in arguments.concurrency.split(",")], arguments.steps,
+                     arguments.model))

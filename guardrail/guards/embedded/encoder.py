@@ -170,6 +170,35 @@ class SentenceEncoder:
                 out[chunk] = pooled.to(torch.float32).numpy()
         return out
 
+    def windows(self, text: str, size: int, stride: int,
+                limit: tuple[int, int] | None = None) -> list[str]:
+        """``text`` cut into overlapping windows of at most ``size`` tokens (the special tokens
+        included), starting every ``stride`` tokens; each window is the exact substring of
+        ``text`` its tokens cover. A text that fits is one window, itself.
+
+        ``limit=(first, last)`` keeps only the first and last windows of a very long text
+        (training does, to bound its cost; the guard judges every window).
+        """
+        content = max(1, size - 2)  # [CLS] and [SEP]
+        offsets = self._tokenizer(text, add_special_tokens=False,
+                                  return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) <= content:
+            return [text]
+        last = len(offsets) - content
+        starts: list[int] = []
+        for start in range(0, last, stride):
+            # A window starts at a word, not inside one.
+            while start > 0 and offsets[start][0] == offsets[start - 1][1]:
+                start -= 1
+            if start not in starts:
+                starts.append(start)
+        spans = [(start, start + content - 1) for start in starts if start < last]
+        spans.append((last, len(offsets) - 1))  # the last window ends with the text
+        if limit is not None and len(spans) > sum(limit):
+            spans = spans[: limit[0]] + spans[len(spans) - limit[1]:]
+        spans = [(offsets[start][0], offsets[end][1]) for start, end in spans]
+        return [text[begin:end] for begin, end in spans]
+
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]

@@ -221,9 +221,18 @@ class EmbeddedGuard:
 
 def _featurizer(head: LinearHead, encoder: SentenceEncoder) -> ViewFeaturizer:
     tokens = head.request_max_tokens
+    size, stride = head.window_tokens, head.window_stride
+    if not size:  # a version-1 head: the step whole, cut at step_max_tokens
+        return ViewFeaturizer(
+            head,
+            encode_steps=encoder.encode,
+            encode_requests=lambda texts: encoder.encode(texts, max_length=tokens,
+                                                         truncation="left"),
+        )
     return ViewFeaturizer(
         head,
-        encode_steps=encoder.encode,
+        encode_steps=lambda texts: encoder.encode(texts, max_length=size),
         encode_requests=lambda texts: encoder.encode(texts, max_length=tokens,
                                                      truncation="left"),
+        split=lambda text: encoder.windows(text, size, stride),
     )

@@ -15,6 +15,11 @@ embeddings (each ``dim`` wide):
 A head uses any of these blocks; one that uses only ``request`` (the request head,
 ``request_head.json``) never encodes a step.
 
+Windows (format version 2): a head with ``window_tokens`` judges a step longer than that over
+overlapping windows (``window_tokens`` long, one every ``window_stride`` tokens); the step's score
+is its worst window's. Long steps are not cut off: harm at the end of a long answer counts. A
+version-1 head (no windows) cuts a step at ``step_max_tokens``, as before.
+
 The head is logistic regression on those features: ``score = sigmoid(w . x + b)``. It is stored as
 ``head.json`` (numbers as text, so it diffs and needs no pickle).
 """
@@ -35,13 +40,15 @@ from guardrail.errors import ConfigError
 from guardrail.guards.base import GuardView
 
 HEAD_FORMAT = "reasoning-guardrail/embedded-head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INPUT_FORMAT = "blocks-v1"
 HEAD_FILE = "head.json"
 BLOCKS = ("step", "context", "request", "step*request", "step*context")
 
 Embeddings = npt.NDArray[np.float32]
 EncodeFn = Callable[[Sequence[str]], Embeddings]
+SplitFn = Callable[[str], list[str]]
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ class LinearHead:
     """Name of the encoder the head was trained on; another encoder needs another head."""
     request_max_tokens: int = 128
     step_max_tokens: int = 256
+    window_tokens: int = 0
+    """0: the step is embedded whole (its first ``step_max_tokens`` tokens); else windows."""
+    window_stride: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +79,9 @@ class LinearHead:
             )
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"embedded head: threshold {self.threshold} outside [0, 1]")
+        if self.window_tokens and not 0 < self.window_stride <= self.window_tokens - 2:
+            raise ConfigError(f"embedded head: window stride {self.window_stride} must be 1 to "
+                              f"{self.window_tokens - 2} for {self.window_tokens}-token windows")
 
     @property
     def uses_step(self) -> bool:
@@ -115,6 +128,8 @@ class LinearHead:
             "blocks": list(self.blocks),
             "request_max_tokens": self.request_max_tokens,
             "step_max_tokens": self.step_max_tokens,
+            "window_tokens": self.window_tokens,
+            "window_stride": self.window_stride,
             "threshold": self.threshold,
             "bias": self.bias,
             "weights": [float(f"{value:.7g}") for value in self.weights],
@@ -142,7 +157,8 @@ def load_head(path: str | Path) -> LinearHead:
         raise ConfigError(f"{file}: not valid JSON ({error})") from None
     if not isinstance(data, dict) or data.get("format") != HEAD_FORMAT:
         raise ConfigError(f"{file}: not an embedded guard head (format {HEAD_FORMAT!r})")
-    if data.get("format_version") != FORMAT_VERSION or data.get("input_format") != INPUT_FORMAT:
+    if (data.get("format_version") not in READABLE_VERSIONS
+            or data.get("input_format") != INPUT_FORMAT):
         raise ConfigError(
             f"{file}: head version {data.get('format_version')}/{data.get('input_format')} "
             f"unsupported (this code reads {FORMAT_VERSION}/{INPUT_FORMAT})"
@@ -157,6 +173,8 @@ def load_head(path: str | Path) -> LinearHead:
             encoder=str(data["encoder"]),
             request_max_tokens=int(data.get("request_max_tokens", 128)),
             step_max_tokens=int(data.get("step_max_tokens", 256)),
+            window_tokens=int(data.get("window_tokens", 0)),
+            window_stride=int(data.get("window_stride", 0)),
             metadata=dict(data.get("metadata", {})),
         )
     except (KeyError, TypeError, ValueError) as error:
@@ -201,8 +219,12 @@ class ViewFeaturizer:
         encode_steps: EncodeFn,
         encode_requests: EncodeFn,
         memory: int | None = 4096,
+        split: SplitFn | None = None,
     ) -> None:
+        """``split`` cuts a step into windows (the head's ``window_tokens``); None judges every
+        step whole."""
         self.head = head
+        self._split = split
         self._encode_steps = encode_steps
         self._encode_requests = encode_requests
         self._steps = _LRU(memory)
@@ -236,7 +258,20 @@ class ViewFeaturizer:
         return head.assemble(step_matrix, context_matrix, request_matrix)
 
     def scores(self, views: Sequence[GuardView]) -> list[float]:
-        return [float(score) for score in self.head.scores(self.features(views))]
+        if self._split is None or not self.head.uses_step:
+            return [float(score) for score in self.head.scores(self.features(views))]
+        # Each step judged over its windows (a short step is one); the worst one decides.
+        owners: list[int] = []
+        windowed: list[GuardView] = []
+        for index, view in enumerate(views):
+            for window in self._split(clean(view.step)) or [view.step]:
+                owners.append(index)
+                windowed.append(GuardView(view.request, view.context, window, view.channel))
+        window_scores = self.head.scores(self.features(windowed))
+        worst = [0.0] * len(views)
+        for owner, score in zip(owners, window_scores, strict=True):
+            worst[owner] = max(worst[owner], float(score))
+        return worst
 
     @staticmethod
     def _lookup(memory: _LRU, texts: Sequence[str], encode: EncodeFn) -> dict[str, Embeddings]:
