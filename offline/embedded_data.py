@@ -151,7 +151,7 @@ SOURCE_BY_NAME = {source.name: source for source in SOURCES}
 # JailbreakBench categories and the Llama Guard 3 hazards they fall under.
 JBB_CATEGORIES: dict[str, tuple[str, ...]] = {
     "Harassment/Discrimination": ("S10",),
-    "Malware/Hacking": ("S14", "S2"),
+    "Malware/Hacking": ("S2",),  # cyber crime; S14 is abuse of a code interpreter
     "Physical harm": ("S1",),
     "Economic harm": ("S2",),
     "Fraud/Deception": ("S2",),
@@ -172,12 +172,12 @@ CATQA_CATEGORIES: dict[str, tuple[str, ...]] = {
     "Illegal Activity": ("S2",),
     "Child Abuse": ("S4",),
     "Hate/Harass/Violence": ("S10",),
-    "Malware Viruses": ("S14", "S2"),
+    "Malware Viruses": ("S2",),
     "Physical Harm": ("S1",),
     "Economic Harm": ("S2",),
     "Fraud/Deception": ("S2",),
     "Adult Content": ("S12",),
-    "Political Campaigning": ("S13",),
+    "Political Campaigning": (),  # campaigning is not S13 (election misinformation)
     "Privacy Violation Activity": ("S7",),
     "Tailored Financial Advice": ("S6",),
 }

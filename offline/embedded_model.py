@@ -171,3 +171,39 @@ def report(records: Sequence[Labelled], scores: Array, threshold: float) -> dict
                                   "flagged": int(flagged[chosen].sum()),
                                   "n": int(chosen.sum())}
     return out
+
+
+# -- categories ---------------------------------------------------------------------------------
+
+
+def fit_categories(vectors: Vectors, codes: Sequence[tuple[str, ...]], settings: FitSettings,
+                   min_examples: int = 15) -> tuple[list[str], Array, Array]:
+    """One-vs-rest logistic heads over the harmful rows that carry hazard codes: for each code
+    with at least ``min_examples`` rows, those rows against the other coded rows (each side
+    half the weight). Returns (codes, weights (k, dim), biases (k,))."""
+    counts = Counter(code for row in codes for code in row)
+    kept = sorted(code for code, n in counts.items() if n >= min_examples)
+    weights: list[Array] = []
+    biases: list[float] = []
+    for code in kept:
+        labels = np.array([float(code in row) for row in codes])
+        share = np.where(labels == 1, 0.5 / labels.sum(), 0.5 / (len(labels) - labels.sum()))
+        w, b = fit_linear(vectors, labels, share, settings)
+        weights.append(w)
+        biases.append(b)
+    return kept, np.array(weights), np.array(biases)
+
+
+def category_report(truth: Sequence[tuple[str, ...]], named: Sequence[tuple[str, ...]],
+                    codes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per code: precision and recall of naming it; plus how often a row got one right code."""
+    out: dict[str, dict[str, float]] = {}
+    for code in codes:
+        tp = sum(code in t and code in n for t, n in zip(truth, named, strict=True))
+        fp = sum(code not in t and code in n for t, n in zip(truth, named, strict=True))
+        fn = sum(code in t and code not in n for t, n in zip(truth, named, strict=True))
+        out[code] = {"precision": round(tp / (tp + fp), 3) if tp + fp else 0.0,
+                     "recall": round(tp / (tp + fn), 3) if tp + fn else 0.0, "n": tp + fn}
+    hit = sum(bool(set(t) & set(n)) for t, n in zip(truth, named, strict=True))
+    out["any right"] = {"rate": round(hit / len(truth), 3) if truth else 0.0, "n": len(truth)}
+    return out

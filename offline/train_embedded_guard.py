@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from offline.embedded_data import (
@@ -243,6 +244,10 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
             metadata={"trained_with": command_line(config),
                       "sources": dict(sorted(Counter(r.source for r in requests).items()))},
         ).save(output, REQUEST_HEAD_FILE))
+    coded = fit_category_head(config, responses, requests, data, cache, settings)
+    if coded is not None:
+        head_file, figures["categories"] = coded[0].save(output), coded[1]
+        written.append(head_file)
     if config.encoder is not None and (output / "encoder").resolve() != folder.resolve():
         shutil.copytree(folder, output / "encoder", dirs_exist_ok=True)
     seconds = time.perf_counter() - started
@@ -254,6 +259,44 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
     _say(f"wrote {', '.join(str(path) for path in written)} and {output / 'DATASHEET.md'} "
          f"in {seconds:.0f}s ({cache.encoded} texts newly encoded)")
     return figures
+
+
+def fit_category_head(config: TrainEmbeddedGuardConfig, responses: Sequence[Labelled],
+                      requests: Sequence[Labelled], data: ResponseSet, cache: Any,
+                      settings: FitSettings) -> tuple[Any, dict[str, Any]] | None:
+    """The hazard-code head, on the request embeddings of every harmful row that carries codes
+    (fitted on the training groups, measured on the validation ones); None without such rows."""
+    from guardrail.guards.embedded.head import CategoryHead
+    from offline.embedded_model import category_report, fit_categories
+
+    rows: list[tuple[Labelled, Any]] = []
+    seen: set[str] = set()
+    for index, record in enumerate(responses):
+        if record.categories and not record.eval_only and record.prompt not in seen:
+            seen.add(record.prompt)
+            rows.append((record, data.prompts[index]))
+    coded_requests = [r for r in requests if r.categories and not r.eval_only
+                      and r.prompt not in seen]
+    if coded_requests:
+        vectors = embed_requests(coded_requests, cache, config.request_tokens)
+        rows += list(zip(coded_requests, vectors, strict=True))
+    if len(rows) < 20:
+        return None
+    val = np.array([held_out(r.group, config.seed, config.val_fraction) for r, _ in rows])
+    if val.all() or not val.any():
+        val = np.zeros(len(rows), dtype=bool)
+    matrix = np.stack([vector for _, vector in rows])
+    truth = [record.categories for record, _ in rows]
+    codes, weights, biases = fit_categories(
+        matrix[~val], [t for t, v in zip(truth, val, strict=True) if not v], settings)
+    if not codes:
+        return None
+    head = CategoryHead(codes=tuple(codes), weights=weights, bias=biases,
+                        metadata={"trained_with": command_line(config)})
+    checked = val if val.any() else ~val
+    figures = category_report([t for t, v in zip(truth, checked, strict=True) if v],
+                              head.name(matrix[checked]), codes)
+    return head, figures
 
 
 def _per_source(data: ResponseSet, scores: Any, threshold: float) -> dict[str, Any]:
@@ -317,6 +360,14 @@ def datasheet(config: TrainEmbeddedGuardConfig, responses: Sequence[Labelled],
     if "loso" in figures:
         lines += ["## Leave one source out (trained without the source, threshold chosen "
                   "without it)", "", table(figures["loso"], "held-out source"), ""]
+    if "categories" in figures:
+        lines += ["## Hazard categories (validation rows with codes)", "",
+                  "| code | precision | recall | rows |", "|---|---|---|---|"]
+        lines += [f"| {code} | {row['precision']} | {row['recall']} | {row['n']} |"
+                  for code, row in figures["categories"].items() if code != "any right"]
+        anyright = figures["categories"]["any right"]
+        lines += ["", f"At least one right code: {100 * anyright['rate']:.1f} % of "
+                  f"{anyright['n']} rows.", ""]
     if "requests_validation" in figures:
         from offline.embedded_loso import request_table
 

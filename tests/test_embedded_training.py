@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from guardrail.config import GuardConfig
+from guardrail.errors import ConfigError
 from guardrail.guards.base import GuardView
 from guardrail.guards.embedded.encoder import load_encoder
 from guardrail.guards.embedded.guard import REQUEST_HEAD_FILE, EmbeddedGuard
-from guardrail.guards.embedded.head import LinearHead, load_head
+from guardrail.guards.embedded.head import CategoryHead, LinearHead, load_head
 from offline.embedded_data import load_extra
 from offline.train_embedded_guard import main, parse_args
 from tests.test_embedded_guard import build_tiny_bert
@@ -161,3 +162,31 @@ async def test_a_long_step_is_judged_by_its_worst_window(tmp_path: Path) -> None
     expected = max(1 / (1 + np.exp(-(vector @ head.weights + head.bias))) for vector in vectors)
     assert verdict.score == pytest.approx(float(expected), abs=1e-5)
     await guard.aclose()
+
+
+async def test_unsafe_verdicts_name_the_category_heads_codes(tmp_path: Path) -> None:
+    folder = tmp_path / "coded"
+    build_tiny_bert(folder / "encoder")
+    LinearHead(blocks=("step",), dim=16, weights=np.zeros(16), bias=5.0, threshold=0.5,
+               encoder="tiny-bert").save(folder)  # every step unsafe
+    rng = np.random.default_rng(2)
+    weights = rng.normal(size=(3, 16)) * 3
+    CategoryHead(codes=("S1", "S2", "S9"), weights=weights, bias=np.array([0.0, 0.5, -20.0]),
+                 ).save(folder)
+    guard = EmbeddedGuard(GuardConfig(model=str(folder)))
+    encoder = load_encoder(folder / "encoder")
+    for request, step in (("the cat sat on the mat", "a dog ran"), ("", "hello world far away")):
+        verdict = await guard.check(GuardView(request, (), step))
+        vector = encoder.encode([request or step], max_length=128, truncation="left")[0]
+        probabilities = 1 / (1 + np.exp(-(weights @ vector + np.array([0.0, 0.5, -20.0]))))
+        expected = tuple(code for code, p in zip(("S1", "S2", "S9"), probabilities, strict=True)
+                         if p >= 0.5)
+        assert verdict.unsafe and verdict.categories == (expected or ("harmful",))
+    await guard.aclose()
+    CategoryHead(codes=("S1",), weights=np.zeros((1, 16)), bias=np.array([-9.0])).save(folder)
+    quiet = EmbeddedGuard(GuardConfig(model=str(folder)))
+    assert (await quiet.check(GuardView("x", (), "a dog ran"))).categories == ("harmful",)
+    await quiet.aclose()
+    (folder / "categories.json").write_text('{"format": "nope"}')
+    with pytest.raises(ConfigError, match="category head"):
+        EmbeddedGuard(GuardConfig(model=str(folder)))

@@ -10,8 +10,10 @@ misses: it is a fast first filter, not a replacement for Llama Guard.
 
 Deciding: a step is unsafe iff ``score >= threshold``, where the threshold is the head's own
 (calibrated on a validation split when it was trained) unless ``guard.threshold`` is set
-explicitly in the configuration, in which case that value is used as given. It has no fine
-categories: an unsafe verdict says ``("harmful",)``.
+explicitly in the configuration, in which case that value is used as given. An unsafe verdict
+names the Llama Guard 3 hazards (``S1``-``S14``) that a third head (``categories.json``, beside
+the step head) finds in the request, so ``refuse_categories`` and per-category triggers work
+with this guard; ``("harmful",)`` when it names none or there is no category head.
 
 ``judge_request(text)`` asks a second head on the same encoder (``request_head.json``, trained by
 the same script) whether a user request asks for harmful help; the
@@ -39,7 +41,15 @@ from typing import TYPE_CHECKING
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards.base import GuardView, Verdict, check_each
-from guardrail.guards.embedded.head import HEAD_FILE, LinearHead, ViewFeaturizer, load_head
+from guardrail.guards.embedded.head import (
+    CATEGORY_FILE,
+    HEAD_FILE,
+    CategoryHead,
+    LinearHead,
+    ViewFeaturizer,
+    load_categories,
+    load_head,
+)
 from guardrail.guards.plumbing.microbatch import MicroBatcher
 
 if TYPE_CHECKING:
@@ -93,6 +103,13 @@ class EmbeddedGuard:
         self.head: LinearHead = load_head(head_file)
         request_file = resolve_request_head(head_file, self._encoder_path)
         self.request_head: LinearHead | None = load_head(request_file) if request_file else None
+        category_file = head_file.parent / CATEGORY_FILE
+        self.category_head: CategoryHead | None = (
+            load_categories(category_file) if category_file.is_file() else None)
+        if self.category_head is not None and self.category_head.dim != self.head.dim:
+            raise ConfigError(f"embedded guard: {category_file} expects "
+                              f"{self.category_head.dim}-d embeddings, {head_file} "
+                              f"{self.head.dim}-d")
         if self.request_head is not None and self.request_head.dim != self.head.dim:
             raise ConfigError(f"embedded guard: {request_file} expects "
                               f"{self.request_head.dim}-d embeddings, {head_file} "
@@ -103,7 +120,7 @@ class EmbeddedGuard:
         self._request_featurizer: ViewFeaturizer | None = None
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
-        self._batcher: MicroBatcher[GuardView, float] = MicroBatcher(
+        self._batcher: MicroBatcher[GuardView, tuple[float, tuple[str, ...]]] = MicroBatcher(
             self._score_batch, max_batch=max_batch, max_wait_s=max_wait_s
         )
         self._request_batcher: MicroBatcher[str, float] = MicroBatcher(
@@ -141,11 +158,22 @@ class EmbeddedGuard:
                     self._request_featurizer = _featurizer(self.request_head, encoder)
             return self._featurizer
 
-    def _score_batch(self, views: list[GuardView]) -> list[float]:
-        """Runs in a worker thread: one forward pass for the whole batch."""
+    def _score_batch(self, views: list[GuardView]) -> list[tuple[float, tuple[str, ...]]]:
+        """Runs in a worker thread: one forward pass for the whole batch; the hazards of the
+        steps found unsafe."""
         featurizer = self._load()
         with self._run_lock:
-            return featurizer.scores(views)
+            scores = featurizer.scores(views)
+            named: list[tuple[str, ...]] = [()] * len(views)
+            unsafe = [i for i, score in enumerate(scores) if score >= self.threshold]
+            if self.category_head is not None and unsafe:
+                # The request says what the harm is about; without one, the step itself.
+                texts = [views[i].request if views[i].request.strip() else views[i].step
+                         for i in unsafe]
+                codes = self.category_head.name(featurizer.request_embeddings(texts))
+                for index, found in zip(unsafe, codes, strict=True):
+                    named[index] = found
+            return list(zip(scores, named, strict=True))
 
     def _score_requests(self, requests: list[str]) -> list[float]:
         """Runs in a worker thread: one forward pass of the request head for the batch."""
@@ -156,11 +184,11 @@ class EmbeddedGuard:
             return featurizer.scores([GuardView(request=text, context=(), step="")
                                       for text in requests])
 
-    def _verdict(self, score: float, started: float) -> Verdict:
+    def _verdict(self, score: float, started: float, named: tuple[str, ...] = ()) -> Verdict:
         unsafe = score >= self.threshold
         return Verdict(
             unsafe=unsafe,
-            categories=CATEGORIES if unsafe else (),
+            categories=(named or CATEGORIES) if unsafe else (),
             score=score,
             raw=f"score={score:.3f}",
             latency_s=time.perf_counter() - started,
@@ -203,12 +231,12 @@ class EmbeddedGuard:
         if not view.step.strip():
             return self._verdict(0.0, started)  # white space cannot be harmful
         try:
-            score = await self._batcher.submit(view)
+            score, named = await self._batcher.submit(view)
         except GuardError:
             raise
         except Exception as error:
             raise GuardError(f"embedded guard failed: {type(error).__name__}: {error}") from error
-        return self._verdict(score, started)
+        return self._verdict(score, started, named)
 
     async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
         """Every view joins the same micro-batches as concurrent ``check`` calls; all finish

@@ -257,6 +257,13 @@ class ViewFeaturizer:
             request_matrix = np.stack([request_table[text] for text in requests])
         return head.assemble(step_matrix, context_matrix, request_matrix)
 
+    def request_embeddings(self, texts: Sequence[str]) -> Embeddings:
+        """Embeddings of requests (or of any text embedded as a request is), from the memory
+        where a check has already embedded them."""
+        cleaned = [clean(text) for text in texts]
+        table = self._lookup(self._requests, cleaned, self._encode_requests)
+        return np.stack([table[text] for text in cleaned])
+
     def scores(self, views: Sequence[GuardView]) -> list[float]:
         if self._split is None or not self.head.uses_step:
             return [float(score) for score in self.head.scores(self.features(views))]
@@ -291,3 +298,65 @@ class ViewFeaturizer:
                 memory.put(text, row)
                 table[text] = row
         return table
+
+
+CATEGORY_FORMAT = "reasoning-guardrail/embedded-categories"
+CATEGORY_FILE = "categories.json"
+
+
+@dataclass(frozen=True)
+class CategoryHead:
+    """Which Llama Guard 3 hazards (S1-S14) an unsafe step falls under: one logistic head per
+    code on the request's embedding (the step's when there is no request). Consulted only once
+    the step head has judged a step unsafe; codes scoring at least ``threshold`` are named."""
+
+    codes: tuple[str, ...]
+    weights: npt.NDArray[np.float64]
+    """Shape (len(codes), dim)."""
+    bias: npt.NDArray[np.float64]
+    threshold: float = 0.5
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weights.ndim != 2 or self.weights.shape[0] != len(self.codes) \
+                or self.bias.shape != (len(self.codes),):
+            raise ConfigError(f"embedded categories: weights {self.weights.shape} and bias "
+                              f"{self.bias.shape} do not fit {len(self.codes)} codes")
+
+    @property
+    def dim(self) -> int:
+        return int(self.weights.shape[1])
+
+    def name(self, vectors: Embeddings) -> list[tuple[str, ...]]:
+        """The codes each row of embeddings falls under (possibly none)."""
+        if not len(vectors):
+            return []
+        scores = 1.0 / (1.0 + np.exp(-(vectors.astype(np.float64) @ self.weights.T + self.bias)))
+        return [tuple(code for code, score in zip(self.codes, row, strict=True)
+                      if score >= self.threshold) for row in scores]
+
+    def save(self, folder: str | Path) -> Path:
+        target = Path(folder) / CATEGORY_FILE
+        target.write_text(json.dumps({
+            "format": CATEGORY_FORMAT, "codes": list(self.codes), "threshold": self.threshold,
+            "bias": [float(f"{value:.7g}") for value in self.bias],
+            "weights": [[float(f"{value:.7g}") for value in row] for row in self.weights],
+            "metadata": self.metadata}, indent=1) + "\n", encoding="utf-8")
+        return target
+
+
+def load_categories(path: str | Path) -> CategoryHead:
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if data.get("format") != CATEGORY_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, not {CATEGORY_FORMAT!r}")
+        return CategoryHead(codes=tuple(str(code) for code in data["codes"]),
+                            weights=np.asarray(data["weights"], dtype=np.float64),
+                            bias=np.asarray(data["bias"], dtype=np.float64),
+                            threshold=float(data.get("threshold", 0.5)),
+                            metadata=dict(data.get("metadata", {})))
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read the category head ({error})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ConfigError(f"{file}: malformed category head ({error})") from None
