@@ -440,8 +440,9 @@ def request_rows(data: Path, rng: random.Random) -> Iterator[Labelled]:
         if record["source"] == "wildguardmix_copyright_violations":
             continue
         label = int(record["label"] == "harmful")
+        # Its safe prompts are mostly adversarial or borderline benign ones, not everyday asks.
         yield _request("wildguardmix", record["text"], label,
-                       "harmful" if label else "everyday")
+                       "harmful" if label else "lookalike")
     # Everyday requests.
     for record in read_jsonl(data / "self_instruct" / "seed_tasks.jsonl"):
         yield _request("self-instruct", record["instruction"], 0, "everyday")

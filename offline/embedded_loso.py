@@ -51,10 +51,17 @@ REQUEST_FPR = {"everyday": 0.01}
 
 @dataclass(frozen=True)
 class HeadRecipe:
-    blocks: tuple[str, ...] = ("step", "request", "step*request")
+    blocks: tuple[str, ...] = ("step",)
     fit: FitSettings = field(default_factory=FitSettings)
     val_fraction: float = 0.2
     max_fpr: dict[str, float] = field(default_factory=lambda: dict(RESPONSE_FPR))
+    threshold_out_of_source: bool = True
+    """Choose the threshold on out-of-source scores (else on a validation part)."""
+
+    def train(self, data: ResponseSet) -> FittedResponseHead:
+        if self.threshold_out_of_source:
+            return fit_response_head_out_of_source(data, self)
+        return fit_response_head(data, self)
 
 
 @dataclass
@@ -63,9 +70,47 @@ class FittedResponseHead:
     weights: Array
     bias: float
     threshold: float
+    out_of_source: Array | None = None
+    """Each training row's score by a head trained without its source (when the threshold was
+    chosen that way)."""
 
     def scores(self, data: ResponseSet) -> Array:
         return response_scores(data, self.blocks, self.weights, self.bias)
+
+
+def _fit_all(data: ResponseSet, recipe: HeadRecipe) -> FittedResponseHead:
+    weights, bias = fit_mil(window_features(data, recipe.blocks), data.owner,
+                            np.array([r.label for r in data.records], dtype=np.float64),
+                            balanced_weights(data.records, recipe.fit.source_balance),
+                            recipe.fit)
+    return FittedResponseHead(recipe.blocks, weights, bias, 0.5)
+
+
+def source_families(records: Sequence[Labelled]) -> list[tuple[str, ...]]:
+    """The sources of ``records`` as held-out units (the JBB family together)."""
+    present = sorted({r.source for r in records})
+    family = tuple(source for source in JBB_FAMILY if source in present)
+    return ([family] if family else []) + [(s,) for s in present if s not in JBB_FAMILY]
+
+
+def fit_response_head_out_of_source(data: ResponseSet,
+                                    recipe: HeadRecipe) -> FittedResponseHead:
+    """Fit on all of ``data``; the threshold is chosen on out-of-source scores: each source
+    scored by a head trained without it, so the threshold is one that held on sources the head
+    had not seen (a head is surest of the style it was trained on; a threshold chosen there is
+    too high for a new source)."""
+    families = source_families(data.records)
+    if len(families) < 3:  # too few sources to hold one out: the validation-part rule
+        return fit_response_head(data, recipe)
+    scores = np.zeros(len(data.records))
+    for family in families:
+        inside = [i for i, r in enumerate(data.records) if r.source in family]
+        rest = [i for i, r in enumerate(data.records) if r.source not in family]
+        scores[inside] = _fit_all(data.subset(rest), recipe).scores(data.subset(inside))
+    head = _fit_all(data, recipe)
+    head.threshold = choose_threshold(data.records, scores, recipe.max_fpr)
+    head.out_of_source = scores
+    return head
 
 
 def fit_response_head(data: ResponseSet, recipe: HeadRecipe) -> FittedResponseHead:
@@ -139,7 +184,7 @@ def loso_responses(data: ResponseSet, recipe: HeadRecipe,
         started = time.perf_counter()
         train = [i for i, r in enumerate(records) if not r.eval_only and r.source not in sources]
         test = [i for i, r in enumerate(records) if r.source in sources]
-        head = fit_response_head(data.subset(train), recipe)
+        head = recipe.train(data.subset(train))
         tested = data.subset(test)
         results[name] = report(tested.records, head.scores(tested), head.threshold)
         results[name]["threshold"] = round(head.threshold, 4)
@@ -149,8 +194,7 @@ def loso_responses(data: ResponseSet, recipe: HeadRecipe,
                 results[f"{source} (without JBB)"] = report(
                     chosen.records, head.scores(chosen), head.threshold)
         progress(f"fold {name}: {time.perf_counter() - started:.0f}s")
-    head = fit_response_head(data.subset([i for i, r in enumerate(records) if not r.eval_only]),
-                             recipe)
+    head = recipe.train(data.subset([i for i, r in enumerate(records) if not r.eval_only]))
     for source in sorted({records[i].source for i in eval_only}):
         chosen = data.subset([i for i in eval_only if records[i].source == source])
         results[f"{source} (all sources)"] = report(chosen.records, head.scores(chosen),
@@ -179,13 +223,26 @@ def loso_requests(records: Sequence[Labelled], vectors: np.ndarray, settings: Fi
 
 
 def shipped_baseline(responses: Sequence[Labelled], requests: Sequence[Labelled],
-                     cache: EmbeddingCache) -> dict[str, Any]:
+                     cache: EmbeddingCache, folder: Path | None = None) -> dict[str, Any]:
     """The shipped step head judging each whole response as one step (first 256 tokens, as
     ``guardrail check`` does), and the shipped request head judging each request."""
     from guardrail.guards.embedded.guard import REQUEST_HEAD_FILE, SHIPPED_HEAD
     from guardrail.guards.embedded.head import load_head
 
-    step_head = load_head(SHIPPED_HEAD / "head.json")
+    folder = folder or SHIPPED_HEAD
+    out: dict[str, Any] = {"responses": {}, "requests": {}}
+    if requests:
+        request_head = load_head(folder / REQUEST_HEAD_FILE)
+        vectors = cache.encode([r.prompt for r in requests], request_head.request_max_tokens,
+                               "left", desc="requests")
+        request_scores = request_head.scores(request_head.assemble(None, None, vectors))
+        for source in sorted({r.source for r in requests}):
+            chosen = [i for i, r in enumerate(requests) if r.source == source]
+            out["requests"][source] = report([requests[i] for i in chosen],
+                                             request_scores[chosen], request_head.threshold)
+    if not responses:
+        return out
+    step_head = load_head(folder / "head.json")
     steps = cache.encode([r.response for r in responses], step_head.step_max_tokens, "right",
                          desc="whole responses")
     prompts = cache.encode([r.prompt for r in responses], step_head.request_max_tokens, "left",
@@ -193,19 +250,10 @@ def shipped_baseline(responses: Sequence[Labelled], requests: Sequence[Labelled]
     features = step_head.assemble(steps, np.zeros_like(steps) if step_head.uses_context
                                   else None, prompts)
     step_scores = step_head.scores(features)
-    out: dict[str, Any] = {"responses": {}, "requests": {}}
     for source in sorted({r.source for r in responses}):
         chosen = [i for i, r in enumerate(responses) if r.source == source]
         out["responses"][source] = report([responses[i] for i in chosen], step_scores[chosen],
                                           step_head.threshold)
-    request_head = load_head(SHIPPED_HEAD / REQUEST_HEAD_FILE)
-    vectors = cache.encode([r.prompt for r in requests], request_head.request_max_tokens,
-                           "left", desc="requests")
-    request_scores = request_head.scores(request_head.assemble(None, None, vectors))
-    for source in sorted({r.source for r in requests}):
-        chosen = [i for i, r in enumerate(requests) if r.source == source]
-        out["requests"][source] = report([requests[i] for i in chosen], request_scores[chosen],
-                                         request_head.threshold)
     return out
 
 
@@ -285,13 +333,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache-dir", default=".cache/embeddings")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--blocks", default="step,request,step*request")
-    parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--blocks", default="step")
+    parser.add_argument("--l2", type=float, default=1e-2)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--source-balance", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-requests", action="store_true")
+    parser.add_argument("--skip-responses", action="store_true")
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="measure today's heads and stop")
+    parser.add_argument("--baseline-head", default=None,
+                        help="a folder with the heads to measure as today's (default: shipped)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = Path(args.data_dir)
@@ -312,15 +365,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                       "source_balance": args.source_balance,
                                       "seed": args.seed}}
     if not args.skip_baseline:
-        out["today"] = shipped_baseline(responses, requests, cache)
-        print(response_table(out["today"]["responses"], "today: source"))
+        out["today"] = shipped_baseline(
+            [] if args.skip_responses else responses, [] if args.skip_requests else requests,
+            cache, Path(args.baseline_head) if args.baseline_head else None)
+        if not args.skip_responses:
+            print(response_table(out["today"]["responses"], "today: source"))
+            print()
+        if not args.skip_requests:
+            print(request_table(out["today"]["requests"], "today: request source"))
+            print()
+    if args.baseline_only:
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        return out
+    out["responses"] = {}
+    if not args.skip_responses:
+        response_data = embed_responses(responses, cache)
+        out["responses"] = loso_responses(response_data, recipe, say)
+        print(response_table(out["responses"], "held-out source"))
         print()
-        print(request_table(out["today"]["requests"], "today: request source"))
-        print()
-    response_data = embed_responses(responses, cache)
-    out["responses"] = loso_responses(response_data, recipe, say)
-    print(response_table(out["responses"], "held-out source"))
-    print()
     if not args.skip_requests:
         vectors = embed_requests(requests, cache)
         out["requests"] = loso_requests(requests, vectors, settings, say)

@@ -30,7 +30,7 @@ Vectors = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class FitSettings:
-    l2: float = 1e-3
+    l2: float = 1e-2
     steps: int = 300
     learning_rate: float = 0.05
     source_balance: float = 1.0

@@ -70,11 +70,13 @@ class TrainEmbeddedGuardConfig:
     encoder: str | None = None
     """Encoder folder; None is the packaged all-MiniLM-L6-v2. Copied to OUTPUT/encoder."""
     seed: int = 0
-    blocks: str = "step,request,step*request"
+    blocks: str = "step"
+    """Feature blocks per window: step (the window), request, step*request. The step alone
+    held up best on sources left out of training (the request's style is a source's own)."""
     window_tokens: int = 128
     window_stride: int = 96
     request_tokens: int = 128
-    l2: float = 1e-3
+    l2: float = 1e-2
     steps: int = 300
     learning_rate: float = 0.05
     source_balance: float = 1.0
@@ -173,7 +175,6 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
     from offline.embedded_loso import (
         HeadRecipe,
         fit_request_head,
-        fit_response_head,
         loso_responses,
         response_table,
     )
@@ -198,11 +199,16 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
                            request_tokens=config.request_tokens)
     trainable = [i for i, r in enumerate(responses) if not r.eval_only]
     _say("fitting the response head")
-    fitted = fit_response_head(data.subset(trainable), recipe)
+    fitted = recipe.train(data.subset(trainable))
     figures: dict[str, Any] = {"threshold": round(fitted.threshold, 4)}
-    val = [i for i in trainable if held_out(responses[i].group, config.seed,
-                                             config.val_fraction)]
-    figures["validation"] = _per_source(data.subset(val), fitted.scores, fitted.threshold)
+    if fitted.out_of_source is not None:  # each source scored by a head trained without it
+        oos = fitted.out_of_source
+        figures["validation"] = _per_source(data.subset(trainable), lambda _: oos,
+                                            fitted.threshold)
+    else:
+        val = [i for i in trainable if held_out(responses[i].group, config.seed,
+                                                 config.val_fraction)]
+        figures["validation"] = _per_source(data.subset(val), fitted.scores, fitted.threshold)
     evaluation = [i for i, r in enumerate(responses) if r.eval_only]
     if evaluation:
         figures["evaluation_only"] = _per_source(data.subset(evaluation), fitted.scores,
@@ -335,9 +341,10 @@ def datasheet(config: TrainEmbeddedGuardConfig, responses: Sequence[Labelled],
         f"{config.encoder or 'all-MiniLM-L6-v2 (packaged)'}, frozen. Response head: linear on "
         f"`{config.blocks}` per {config.window_tokens}-token window (stride "
         f"{config.window_stride}), the worst window decides; threshold "
-        f"**{figures['threshold']}**, chosen on the validation part of the training sources "
-        f"(best F1 with at most {100 * config.max_refusal_fpr:g} % of refusals and "
-        f"{100 * config.max_benign_fpr:g} % of benign answers flagged).",
+        f"**{figures['threshold']}**, chosen on out-of-source scores (each training source "
+        f"scored by a head trained without it; the best F1 with at most "
+        f"{100 * config.max_refusal_fpr:g} % of refusals and {100 * config.max_benign_fpr:g} % "
+        f"of benign answers flagged).",
         "",
         "## Data",
         "",
@@ -352,8 +359,9 @@ def datasheet(config: TrainEmbeddedGuardConfig, responses: Sequence[Labelled],
         use = "test only" if spec and spec.eval_only else "train / validation"
         lines.append(f"| {source} | {licence} | {kind} | {counts[(source, 1)]} | "
                      f"{counts[(source, 0)]} | {use} | {meaning} |")
-    lines += ["", "## Validation (held-out groups of the training sources; the threshold was "
-              "chosen here)", "", table(figures["validation"], "source"), ""]
+    lines += ["", "## Out of source (each source scored by a head trained without it; the "
+              "threshold was chosen on these scores, so they flatter it a little)", "",
+              table(figures["validation"], "source"), ""]
     if "evaluation_only" in figures:
         lines += ["## Evaluation-only sets (never trained on)", "",
                   table(figures["evaluation_only"], "source"), ""]
