@@ -180,6 +180,8 @@ class SentenceEncoder:
         (training does, to bound its cost; the guard judges every window).
         """
         content = max(1, size - 2)  # [CLS] and [SEP]
+        if len(text) <= content:  # every token covers a character at least: it fits
+            return [text]
         offsets = self._tokenizer(text, add_special_tokens=False,
                                   return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) <= content:
