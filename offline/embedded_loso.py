@@ -46,7 +46,7 @@ from offline.embedding_cache import EmbeddingCache
 
 JBB_FAMILY = ("jbb-artifacts", "jbb-targets")
 RESPONSE_FPR = {"refusal": 0.02, "benign-answer": 0.02}
-REQUEST_FPR = {"everyday": 0.01}
+REQUEST_FPR = {"everyday": 0.01, "lookalike": 0.10}
 
 
 @dataclass(frozen=True)

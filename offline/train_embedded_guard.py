@@ -84,6 +84,7 @@ class TrainEmbeddedGuardConfig:
     max_refusal_fpr: float = 0.02
     max_benign_fpr: float = 0.02
     max_everyday_fpr: float = 0.01
+    max_lookalike_fpr: float = 0.10
     request_head: bool = True
     loso: bool = False
     """Also run the leave-one-source-out evaluation and put its table in the datasheet."""
@@ -233,7 +234,8 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
         request_head = fit_request_head([requests[i] for i in trainable_requests],
                                         vectors[trainable_requests], settings,
                                         config.val_fraction,
-                                        {"everyday": config.max_everyday_fpr})
+                                        {"everyday": config.max_everyday_fpr,
+                                         "lookalike": config.max_lookalike_fpr})
         request_val = [i for i in range(len(requests))
                        if requests[i].eval_only
                        or held_out(requests[i].group, config.seed, config.val_fraction)]
