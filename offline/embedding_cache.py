@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from tqdm import tqdm  # type: ignore[import-untyped]
+from tqdm import tqdm
 
 from guardrail.guards.embedded.encoder import SentenceEncoder, Truncation
 
