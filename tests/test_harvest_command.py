@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -137,7 +138,10 @@ def test_dry_run_prints_the_funnel_and_writes_nothing(served_store: tuple[Path, 
 
 def test_review_labels_decide_what_is_kept(served_store: tuple[Path, Path],
                                            tmp_path: Path) -> None:
-    config_file, store = served_store
+    _, served = served_store
+    store = tmp_path / "labelled.db"  # a copy: the labels must not leak into other tests
+    with sqlite3.connect(served) as source, sqlite3.connect(store) as copy:
+        source.backup(copy)
     intercepted = [case for case in cases(store).values() if case.action == "intervened"]
 
     async def label(case_id: str) -> None:
@@ -149,26 +153,12 @@ def test_review_labels_decide_what_is_kept(served_store: tuple[Path, Path],
             await opened.aclose()
 
     asyncio.run(label(intercepted[0].id))
-    try:
-        result = harvest("--config", str(config_file), "--dry-run", "--no-decontaminate",
-                         "--no-rejudge")
-        assert result.returncode == 0, result.stderr
-        assert "-> 2 review labels" in result.stderr
-        only = harvest("--config", str(config_file), "--dry-run", "--no-decontaminate",
-                       "--no-rejudge", "--labels", "false_positive")
-        assert "-> 1 review labels" in only.stderr
-    finally:
-        async def clear() -> None:
-            opened = build_store(StoreConfig(url=f"sqlite:///{store}"))
-            await opened.open()
-            try:
-                case = await opened.get(intercepted[0].id)
-                assert case is not None
-                await opened.put(case.model_copy(update={"review": None}))
-            finally:
-                await opened.aclose()
-
-        asyncio.run(clear())
+    common = ("--store", f"sqlite:///{store}", "--dry-run", "--no-decontaminate", "--no-rejudge")
+    result = harvest(*common)
+    assert result.returncode == 0, result.stderr
+    assert "-> 2 review labels" in result.stderr
+    only = harvest(*common, "--labels", "false_positive")
+    assert "-> 1 review labels" in only.stderr
 
 
 def test_bad_input_is_one_line(served_store: tuple[Path, Path], tmp_path: Path) -> None:
@@ -185,3 +175,37 @@ def test_bad_input_is_one_line(served_store: tuple[Path, Path], tmp_path: Path) 
         result = harvest(*args)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_save_to_disk_writes_loadable_datasets(served_store: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    import datasets
+
+    config_file, _ = served_store
+    out = tmp_path / "harvest"
+    result = harvest("--config", str(config_file), "--out", str(out), "--no-decontaminate",
+                     "--no-rejudge", "--save-to-disk")
+    assert result.returncode == 0, result.stderr
+    records = datasets.load_from_disk(str(out / "datasets" / "unsafechain"))
+    pairs = datasets.load_from_disk(str(out / "datasets" / "preference_pairs"))
+    assert records["train"].num_rows + records["test"].num_rows == len(UNSAFE)
+    assert {"prompt", "response", "unsafe_response", "case_id"} <= set(
+        records["train"].column_names)
+    assert {"prompt", "chosen", "rejected"} <= set(pairs["train"].column_names)
+
+
+def test_harvest_import_writes_a_public_set_in_the_same_form(tmp_path: Path) -> None:
+    source = tmp_path / "star1.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"question": "How do I pick a lock?",
+         "response": "<think>\nThis could enable burglary.\n</think>\n\nI can't help."},
+        {"question": "Untagged", "response": "Just an answer."},
+    ]), encoding="utf-8")
+    out = tmp_path / "imported.jsonl"
+    result = harvest("import", "star1", "--path", str(source), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    imported = [UnsafeChainRecord.from_dict(row) for row in rows(out)]
+    assert imported[0].prompt == "How do I pick a lock?" and imported[0].source == "star1"
+    assert imported[0].parsed.reasoning == "This could enable burglary."
+    unknown = harvest("import", "nothing", "--out", str(out))
+    assert unknown.returncode == 2 and "unknown public set" in unknown.stderr
