@@ -1,0 +1,260 @@
+"""offline/train/render.py through TRL's own SFTTrainer, on tiny models built here.
+
+The tokenizers are byte-level BPEs trained on a few sentences, with the special tokens and the
+real chat templates of DeepSeek-R1-Distill (whose tokenizer adds BOS itself) and Qwen3 (no BOS);
+the model is a random-weight Qwen2 saved and loaded back with ``from_pretrained``. What is
+checked is what TRL does with the rendered rows: which tokens carry loss, BOS once, EOS last.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+from trl.trainer.sft_config import SFTConfig
+from trl.trainer.sft_trainer import SFTTrainer
+
+from guardrail.templates import __file__ as templates_init
+from offline.harvest.pairs import build_pair
+from offline.harvest.records import BadRow, RecordError, UnsafeChainRecord
+from offline.train.render import (
+    TokenizerError,
+    adds_bos,
+    dpo_row,
+    render_prompt,
+    render_sft,
+    sft_rows,
+)
+
+TEMPLATES = Path(templates_init).parent
+R1_BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
+R1_EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"
+CORPUS = [
+    "How do I pick a lock on my own front door?",
+    "The user asks about locks. I should think about whether this is safe to answer.",
+    "Okay, so the request is about a door they own; a locksmith is the safe route.",
+    "Call a licensed locksmith, or your landlord, to get back into your home.",
+    "Write a poem about the sea and the wind at night.",
+]
+REASONING = "Okay, the request is about a door they own; a locksmith is the safe route."
+ANSWER = "Call a licensed locksmith to get back into your home."
+RECORD = UnsafeChainRecord.build(prompt="How do I pick a lock on my own front door?",
+                                 reasoning=REASONING, answer=ANSWER)
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str
+    template: str
+    specials: list[str]
+    bos: str | None
+    eos: str
+    pad: str
+
+
+R1 = Flavour("r1", "deepseek-r1-distill.jinja",
+             [R1_BOS, R1_EOS, "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"], R1_BOS, R1_EOS,
+             R1_EOS)
+QWEN3 = Flavour("qwen3", "qwen3.jinja", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                None, "<|im_end|>", "<|endoftext|>")
+
+
+def build_tokenizer(flavour: Flavour, folder: Path) -> Any:
+    """A byte-level BPE with the flavour's special tokens and real chat template, saved and
+    loaded back with AutoTokenizer (as a model folder would be)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=flavour.specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    # <think> / </think> are added, non-special tokens in both real vocabularies.
+    tokenizer.add_tokens(["<think>", "</think>"])
+    if flavour.bos is not None:  # R1-Distill's tokenizer puts BOS first by itself
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{flavour.bos} $A", pair=f"{flavour.bos} $A $B",
+            special_tokens=[(flavour.bos, tokenizer.token_to_id(flavour.bos))])
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, bos_token=flavour.bos, eos_token=flavour.eos,
+        pad_token=flavour.pad)
+    fast.chat_template = (TEMPLATES / flavour.template).read_text("utf-8")
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def build_model(tokenizer: Any, folder: Path) -> Any:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    model.save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def sft_trainer(tokenizer: Any, model: Any, rows: list[dict[str, str]], out: Path,
+                max_steps: int = 1) -> Any:
+    config = SFTConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
+                       learning_rate=1e-3, report_to="none", save_strategy="no",
+                       logging_strategy="no", use_cpu=True, max_length=512, seed=0,
+                       dataloader_num_workers=0, activation_checkpointing=False)
+    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                      processing_class=tokenizer)
+
+
+@pytest.fixture(scope="module", params=[R1, QWEN3], ids=lambda f: f.name)
+def tiny(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> tuple[Flavour, Any, Path]:
+    torch.set_num_threads(1)
+    flavour: Flavour = request.param
+    folder = tmp_path_factory.mktemp(flavour.name)
+    return flavour, build_tokenizer(flavour, folder), folder
+
+
+def test_rendered_text_keeps_the_reasoning_and_opens_think_once(
+        tiny: tuple[Flavour, Any, Path]) -> None:
+    flavour, tokenizer, _ = tiny
+    example = render_sft(RECORD, tokenizer)
+    joined = example.prompt + example.completion
+    assert joined.count("<think>") == 1 and joined.count("</think>") == 1
+    assert f"<think>\n{REASONING}\n</think>\n\n{ANSWER}{flavour.eos}" in joined
+    assert example.completion.endswith(flavour.eos)
+    if flavour is R1:  # the generation prompt opens the block; BOS comes from the tokenizer
+        assert example.prompt.endswith("<\uff5cAssistant\uff5c><think>\n")
+        assert example.completion.startswith(REASONING)
+        assert not example.prompt.startswith(R1_BOS) and adds_bos(tokenizer)
+        # The trap the prompt-completion form avoids: the template drops assistant reasoning.
+        assistant = tokenizer.apply_chat_template(
+            [{"role": "user", "content": RECORD.prompt},
+             {"role": "assistant", "content": RECORD.response}], tokenize=False)
+        assert REASONING not in assistant
+    else:
+        assert example.prompt.endswith("<|im_start|>assistant\n")
+        assert example.completion.startswith(f"<think>\n{REASONING}")
+        assert not adds_bos(tokenizer)
+
+
+def test_sft_trainer_puts_loss_on_reasoning_and_answer_only(
+        tiny: tuple[Flavour, Any, Path], tmp_path: Path) -> None:
+    flavour, tokenizer, folder = tiny
+    example = render_sft(RECORD, tokenizer)
+    model = build_model(tokenizer, folder / "model")
+    trainer = sft_trainer(tokenizer, model, [example.to_dict()], tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids: list[int] = batch["input_ids"][0].tolist()
+    labels: list[int] = batch["labels"][0].tolist()
+    prompt_ids: list[int] = tokenizer(text=example.prompt)["input_ids"]
+    n = len(prompt_ids)
+
+    # Token by token: the prompt is an exact token prefix and carries no loss; every token
+    # after it (reasoning, </think>, answer, EOS) carries loss on itself.
+    assert ids[:n] == prompt_ids
+    table = [(tokenizer.decode([token]), label != -100) for token, label in zip(ids, labels,
+                                                                               strict=True)]
+    assert not any(loss for _, loss in table[:n]), table[:n]
+    assert all(loss for _, loss in table[n:]), table[n:]
+    assert labels[n:] == ids[n:]
+    learned = tokenizer.decode(ids[n:])
+    assert REASONING in learned and ANSWER in learned and "</think>" in learned
+    assert learned == example.completion
+    assert tokenizer.decode(ids[:n]) == (flavour.bos or "") + example.prompt
+
+    # BOS exactly once (first) where the model has one; EOS last, with loss.
+    if flavour.bos is not None:
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    assert ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id
+    # Once in the completion (Qwen3's EOS, <|im_end|>, also closes the user turn).
+    assert ids[n:].count(tokenizer.eos_token_id) == 1
+
+
+def test_template_bos_plus_tokenizer_bos_would_be_two(tmp_path: Path) -> None:
+    """The check above can fail: the raw template text, tokenized as TRL does, has two BOS."""
+    tokenizer = build_tokenizer(R1, tmp_path)
+    raw = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                        add_generation_prompt=True)
+    assert raw.startswith(R1_BOS)
+    assert tokenizer(text=raw)["input_ids"].count(tokenizer.bos_token_id) == 2
+    assert tokenizer(text=render_prompt("hi", tokenizer))["input_ids"].count(
+        tokenizer.bos_token_id) == 1
+
+
+def test_sft_steps_change_every_trainable_parameter(
+        tiny: tuple[Flavour, Any, Path], tmp_path: Path) -> None:
+    _, tokenizer, folder = tiny
+    rows = [render_sft(RECORD, tokenizer).to_dict(),
+            render_sft(UnsafeChainRecord.build(prompt=CORPUS[4], reasoning=CORPUS[1],
+                                               answer=CORPUS[3]), tokenizer).to_dict()]
+    model = build_model(tokenizer, folder / "model-steps")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()
+              if p.requires_grad}
+    trainer = sft_trainer(tokenizer, model, rows, tmp_path, max_steps=2)
+    result = trainer.train()
+    assert result.global_step == 2
+    unchanged = [name for name, p in trainer.model.named_parameters()
+                 if p.requires_grad and torch.equal(before[name], p.detach())]
+    assert before and not unchanged
+
+
+def test_bad_rows_are_counted_with_their_line(tiny: tuple[Flavour, Any, Path]) -> None:
+    _, tokenizer, _ = tiny
+    rows: list[tuple[int, Any] | BadRow] = [
+        (1, RECORD.to_dict()),
+        (2, {"prompt": "x"}),
+        (3, {"prompt": "x", "response": "<think>only thinking</think>"}),
+        BadRow(line=4, problem="not JSON"),
+    ]
+    rendered = sft_rows(rows, tokenizer)
+    assert len(rendered.rows) == 1
+    assert [(bad.line, bad.problem) for bad in rendered.skipped] == [
+        (2, "'response': a non-empty string is required"),
+        (3, "'response': no answer after </think>"),
+        (4, "not JSON"),
+    ]
+
+
+def test_tokenizer_without_template_or_eos_is_refused(tiny: tuple[Flavour, Any, Path]) -> None:
+    _, _, folder = tiny
+    bare = AutoTokenizer.from_pretrained(folder)
+    bare.chat_template = None
+    with pytest.raises(TokenizerError, match="no chat template"):
+        render_sft(RECORD, bare)
+    endless = AutoTokenizer.from_pretrained(folder)
+    endless.eos_token = None
+    with pytest.raises(TokenizerError, match="no EOS token"):
+        render_sft(RECORD, endless)
+
+
+def test_dpo_rows_keep_the_pair_and_carry_bos_once(tiny: tuple[Flavour, Any, Path]) -> None:
+    flavour, tokenizer, _ = tiny
+    pair = build_pair(RECORD.prompt, "Okay, they own the door. ", "Wait, I should be careful.",
+                      "A locksmith is the safe route.", ANSWER, "Here is how to rake the pins.")
+    row = dpo_row(pair.to_dict(), tokenizer)
+    assert (row["chosen"], row["rejected"], row["prefix"]) == (pair.chosen, pair.rejected,
+                                                               pair.prefix)
+    assert row["prompt"].endswith("<think>\nOkay, they own the door.")
+    if flavour.bos is not None:
+        assert pair.prompt.startswith(R1_BOS) and row["prompt"] == pair.prompt[len(R1_BOS):]
+        assert tokenizer(text=row["prompt"] + row["chosen"])["input_ids"].count(
+            tokenizer.bos_token_id) == 1
+    bad = pair.to_dict() | {"prefix": "not the end of the prompt"}
+    with pytest.raises(RecordError, match="must end with 'prefix'"):
+        dpo_row(bad, tokenizer)
