@@ -258,3 +258,32 @@ def test_dpo_rows_keep_the_pair_and_carry_bos_once(tiny: tuple[Flavour, Any, Pat
     bad = pair.to_dict() | {"prefix": "not the end of the prompt"}
     with pytest.raises(RecordError, match="must end with 'prefix'"):
         dpo_row(bad, tokenizer)
+
+
+def test_dpo_trainer_keeps_the_shared_prefix_in_the_prompt(
+        tiny: tuple[Flavour, Any, Path], tmp_path: Path) -> None:
+    """TRL's DPOTrainer on a rendered pair: the shared reasoning is prompt (no loss), the
+    diverging suffixes are the completions, BOS once."""
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    flavour, tokenizer, folder = tiny
+    pair = build_pair(RECORD.prompt, "Okay, they own the door. ", "Wait, I should be careful.",
+                      "A locksmith is the safe route.", ANSWER, "Here is how to rake the pins.")
+    row = dpo_row(pair.to_dict(), tokenizer)
+    model = build_model(tokenizer, folder / "model-dpo")
+    config = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1,
+                       report_to="none", save_strategy="no", logging_strategy="no",
+                       use_cpu=True, max_length=512, activation_checkpointing=False)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list([row]),
+                         processing_class=tokenizer)
+    prepared: Any = trainer.train_dataset  # typed as any of several dataset kinds
+    tokenized = prepared[0]
+    prompt_ids: list[int] = tokenizer(text=row["prompt"])["input_ids"]
+    assert tokenized["prompt_ids"] == prompt_ids  # the whole prompt, prefix included
+    assert "Okay, they own the door." in tokenizer.decode(tokenized["prompt_ids"])
+    assert tokenizer.decode(tokenized["chosen_ids"]) == row["chosen"] + flavour.eos
+    assert tokenizer.decode(tokenized["rejected_ids"]) == row["rejected"] + flavour.eos
+    if flavour.bos is not None:
+        every = tokenized["prompt_ids"] + tokenized["chosen_ids"]
+        assert every.count(tokenizer.bos_token_id) == 1
