@@ -21,11 +21,11 @@ in the **standard** form:
 - ``prefix`` (the shared reasoning) and ``request`` (the user's text) are kept as extra columns
   for provenance; DPOTrainer ignores columns it does not use.
 
-Tokens: DPOTrainer's ``tokenize_row`` (trl/trainer/dpo_trainer.py, recent releases) tokenizes
-``prompt``, ``chosen`` and ``rejected`` separately with ``add_special_tokens=False`` and adds a BOS
-only for encoder-decoder models, so the rendered prompt carries the template's BOS itself, once
-(older releases tokenized ``prompt + chosen`` and split it at the prompt's length, which the same
-layout also suits). Because the pieces are tokenized apart, whitespace at the boundary moves into
+Tokens: the rendered prompt carries the template's BOS text, as the model saw it online. TRL
+1.16's DPOTrainer tokenizes ``prompt``, ``chosen`` and ``rejected`` apart with the tokenizer's
+defaults, so a tokenizer that adds BOS itself would see two: ``offline.train.render.dpo_row``
+takes the BOS text out of the prompt for such a tokenizer when the pairs are loaded for training.
+Because the pieces are tokenized apart, whitespace at the boundary moves into
 the suffixes (``prompt`` ends on the prefix's last non-space character; ``chosen`` and
 ``rejected`` start with the gap), as in TRL's own ``"The sky is"`` / ``" blue."`` example, so the
 suffix's first word gets the same leading-space token it has in the joined text.
