@@ -1,0 +1,387 @@
+"""``guardrail train dpo``: TRL's DPOTrainer on IPO pairs (offline/harvest/pairs.py).
+
+Each pair is loaded through :func:`offline.train.render.dpo_row`, so the shared reasoning
+prefix stays inside ``prompt`` and the loss falls on the diverging suffixes only (IPO's
+second stage; tests/test_train_dpo.py shows it token by token). Several files can be mixed,
+each with a ratio (``pairs.jsonl:1.0 benign_pairs.jsonl:0.3``): the fraction of that file's
+valid pairs used, drawn with the run's seed (above 1, pairs repeat).
+
+Everything that can be wrong with the input (unknown config key, no valid pair, a model folder
+without a chat template, an output folder holding another run) is one line, raised as
+:class:`DPOSetupError` before any weights load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from offline.harvest.records import BadRow, RecordError, read_jsonl
+
+SUMMARY_FILE = "dpo_summary.json"
+CONFIG_FILE = "dpo_config.yaml"
+
+# DPOConfig fields the run sets from its own top-level keys; in ``dpo:`` they would conflict.
+_OWNED = {"output_dir": "out", "seed": "seed", "max_length": "max_length", "beta": "beta"}
+# Defaults that differ from TRL's: activation checkpointing off (TRL turns it on, and its
+# deprecated alias warns), a loss logged every step, nothing saved mid-run, no reporting.
+_DPO_DEFAULTS: dict[str, Any] = {
+    "activation_checkpointing": False,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+}
+
+
+class DPOSetupError(ValueError):
+    """Input the run cannot use; the message is one line that says what and where."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataFile:
+    path: Path
+    ratio: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: Any) -> DataFile:
+        """``path`` or ``path:ratio`` (a string), or ``{path: ..., ratio: ...}`` (YAML)."""
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"path", "ratio"}
+            if unknown:
+                raise DPOSetupError(f"data: unknown key {sorted(unknown)[0]!r} "
+                                    "(a data entry has 'path' and 'ratio')")
+            if not isinstance(spec.get("path"), str):
+                raise DPOSetupError("data: an entry needs 'path'")
+            return cls(Path(spec["path"]), _ratio(spec.get("ratio", 1.0), spec["path"]))
+        if not isinstance(spec, str) or not spec:
+            raise DPOSetupError(f"data: {spec!r} is not a file name")
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                return cls(Path(head), _ratio(float(tail), head))
+            except ValueError as error:
+                if isinstance(error, DPOSetupError):
+                    raise
+        return cls(Path(spec))
+
+    def spec(self) -> str:
+        return f"{self.path}:{self.ratio:g}"
+
+
+def _ratio(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise DPOSetupError(f"data: ratio of {path} must be a number above 0, not {value!r}")
+    return float(value)
+
+
+@dataclass(slots=True)
+class DPORunConfig:
+    data: list[DataFile]
+    model: str
+    out: Path
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    target_modules: list[str] | None = None
+    """``None``: every linear layer (peft's ``"all-linear"``)."""
+    seed: int = 0
+    max_length: int = 2048
+    beta: float = 0.1
+    overwrite: bool = False
+    dpo: dict[str, Any] = field(default_factory=dict)
+    """Any further TRL ``DPOConfig`` field (learning_rate, max_steps, loss_type, ...)."""
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> DPORunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise DPOSetupError(f"unknown config key {key!r} (known: "
+                                    f"{', '.join(sorted(known))})")
+        for key in ("data", "model", "out"):
+            if values.get(key) in (None, "", []):
+                raise DPOSetupError(f"{key!r} is required")
+        data = values["data"]
+        if not isinstance(data, list):
+            data = [data]
+        dpo = values.get("dpo") or {}
+        if not isinstance(dpo, dict):
+            raise DPOSetupError("'dpo' must be a mapping of TRL DPOConfig fields")
+        _check_dpo_keys(dpo)
+        modules = values.get("target_modules")
+        if isinstance(modules, str):
+            modules = [modules]
+        try:
+            return cls(data=[DataFile.parse(spec) for spec in data], model=str(values["model"]),
+                       out=Path(values["out"]), lora=bool(values.get("lora", False)),
+                       lora_r=int(values.get("lora_r", 16)),
+                       lora_alpha=int(values.get("lora_alpha", 32)),
+                       target_modules=list(modules) if modules else None,
+                       seed=int(values.get("seed", 0)),
+                       max_length=int(values.get("max_length", 2048)),
+                       beta=float(values.get("beta", 0.1)),
+                       overwrite=bool(values.get("overwrite", False)), dpo=dict(dpo))
+        except (TypeError, ValueError) as error:
+            if isinstance(error, DPOSetupError):
+                raise
+            raise DPOSetupError(f"bad config value: {error}") from None
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {"data": [{"path": str(d.path), "ratio": d.ratio} for d in self.data],
+                "model": self.model, "out": str(self.out), "lora": self.lora,
+                "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+                "target_modules": self.target_modules, "seed": self.seed,
+                "max_length": self.max_length, "beta": self.beta, "dpo": dict(self.dpo)}
+
+
+def _check_dpo_keys(dpo: dict[str, Any]) -> None:
+    from trl.trainer.dpo_config import DPOConfig
+
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    for key in dpo:
+        if key in _OWNED:
+            raise DPOSetupError(f"dpo.{key}: set it as the top-level key {_OWNED[key]!r}")
+        if key not in fields:
+            raise DPOSetupError(f"dpo: unknown key {key!r} (not a TRL DPOConfig field)")
+
+
+@dataclass(slots=True)
+class FileRows:
+    spec: DataFile
+    rows: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[BadRow] = field(default_factory=list)
+    used: int = 0
+
+
+@dataclass(slots=True)
+class Prepared:
+    """Everything checked and loaded, ready to train: the trainer and what the summary needs."""
+
+    trainer: Any
+    files: list[FileRows]
+    rows: list[dict[str, str]]
+
+
+def _load_pairs(spec: DataFile, tokenizer: Any) -> FileRows:
+    from offline.train.render import dpo_row
+
+    if not spec.path.is_file():
+        raise DPOSetupError(f"data: {spec.path} is not a file")
+    out = FileRows(spec)
+    for row in read_jsonl(spec.path):
+        if isinstance(row, BadRow):
+            out.skipped.append(row)
+            continue
+        line, value = row
+        try:
+            rendered = dpo_row(value, tokenizer)
+        except RecordError as error:
+            out.skipped.append(BadRow(line=line, problem=str(error)))
+            continue
+        # Only TRL's three columns: provenance columns may be null in some rows.
+        out.rows.append({k: rendered[k] for k in ("prompt", "chosen", "rejected")})
+    return out
+
+
+def _mix(files: list[FileRows], seed: int) -> list[dict[str, str]]:
+    """Each file's valid pairs at its ratio (seeded draw; whole copies above 1), shuffled."""
+    rng = random.Random(seed)
+    mixed: list[dict[str, str]] = []
+    for f in files:
+        whole, part = divmod(f.spec.ratio, 1.0)
+        take = list(f.rows) * int(whole)
+        take += rng.sample(f.rows, round(part * len(f.rows)))
+        f.used = len(take)
+        mixed += take
+    rng.shuffle(mixed)
+    return mixed
+
+
+def _check_out(config: DPORunConfig) -> None:
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise DPOSetupError(f"out: {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not config.overwrite:
+            raise DPOSetupError(f"out: {out} already holds files (another run?); "
+                                "pass --overwrite to replace them")
+
+
+def prepare(config: DPORunConfig) -> Prepared:
+    """Check the input, load the tokenizer and pairs, then the model, and build the trainer."""
+    _check_dpo_keys(config.dpo)
+    _check_out(config)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DPOSetupError(f"model: cannot load a tokenizer from {config.model}: {first}") \
+            from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise DPOSetupError(f"model: {config.model} has no chat template; the pairs' prompts "
+                            "must be rendered the way the model sees them")
+    if tokenizer.pad_token is None:  # DPOTrainer pads chosen and rejected to one length
+        tokenizer.pad_token = tokenizer.eos_token
+    files = [_load_pairs(spec, tokenizer) for spec in config.data]
+    if not any(f.rows for f in files):
+        skipped = sum(len(f.skipped) for f in files)
+        first = next((f"{f.spec.path}:{b.line}: {b.problem}" for f in files for b in f.skipped),
+                     "the files are empty")
+        raise DPOSetupError(f"data: no valid pair ({skipped} skipped; first: {first})")
+    rows = _mix(files, config.seed)
+    if not rows:
+        raise DPOSetupError("data: the ratios select no pair")
+
+    from trl.trainer.dpo_config import DPOConfig
+
+    try:
+        args = DPOConfig(**(_DPO_DEFAULTS | config.dpo | {
+            "output_dir": str(config.out), "seed": config.seed,
+            "max_length": config.max_length, "beta": config.beta}))
+    except (TypeError, ValueError) as error:
+        raise DPOSetupError(f"dpo: {str(error).strip().splitlines()[0]}") from None
+
+    # Weights load only from here on.
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(config.model)
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                 target_modules=config.target_modules or "all-linear",
+                                 task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=peft_config)
+    return Prepared(trainer=trainer, files=files, rows=rows)
+
+
+def train_dpo(config: DPORunConfig) -> dict[str, Any]:
+    """Train, save the model (or adapter), tokenizer, resolved config and summary; return it."""
+    prepared = prepare(config)
+    if config.overwrite and config.out.is_dir():
+        shutil.rmtree(config.out)
+    config.out.mkdir(parents=True, exist_ok=True)
+    trainer = prepared.trainer
+    result = trainer.train()
+    trainer.save_model(str(config.out))  # the adapter only, for a LoRA run
+    trainer.processing_class.save_pretrained(str(config.out))
+    summary = {
+        "steps": int(result.global_step),
+        "train_loss": float(result.training_loss),
+        "losses": [{"step": int(entry["step"]), "loss": float(entry["loss"])}
+                   for entry in trainer.state.log_history if "loss" in entry],
+        "rows_used": len(prepared.rows),
+        "rows_skipped": sum(len(f.skipped) for f in prepared.files),
+        "files": [{"path": str(f.spec.path), "ratio": f.spec.ratio, "valid": len(f.rows),
+                   "used": f.used, "skipped": [{"line": b.line, "problem": b.problem}
+                                               for b in f.skipped]}
+                  for f in prepared.files],
+        "lora": config.lora,
+        "out": str(config.out),
+    }
+    (config.out / CONFIG_FILE).write_text(yaml.safe_dump(config.to_mapping(), sort_keys=False),
+                                          "utf-8")
+    (config.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+    return summary
+
+
+def _yaml_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def add_dpo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``dpo`` subcommand: a YAML ``--config``, then the command line, which wins."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "dpo", help="DPO (IPO's second stage) on preference pairs with TRL's DPOTrainer",
+        description="DPO on IPO pairs: the shared reasoning prefix stays in the prompt, the "
+                    "loss falls on the diverging suffixes. Command-line values override the "
+                    "YAML --config.")
+    parser.add_argument("--config", type=Path, help="YAML file with the keys below")
+    parser.add_argument("--data", nargs="+", metavar="FILE[:RATIO]",
+                        help="pairs JSONL files, each with an optional ratio (default 1)")
+    parser.add_argument("--model", help="model folder or name (needs a chat template)")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                        help="train a LoRA adapter (peft) instead of every weight")
+    parser.add_argument("--lora-r", type=int)
+    parser.add_argument("--lora-alpha", type=int)
+    parser.add_argument("--target-modules", nargs="+", metavar="NAME",
+                        help="LoRA target modules (default: every linear layer)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--beta", type=float)
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace an output folder that holds another run")
+    parser.add_argument("--dpo", action="append", default=[], metavar="KEY=VALUE",
+                        help="any TRL DPOConfig field (value read as YAML); repeatable")
+    parser.set_defaults(handler=run_dpo)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DPORunConfig:
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            loaded = yaml.safe_load(args.config.read_text("utf-8"))
+        except (OSError, yaml.YAMLError) as error:
+            raise DPOSetupError(f"--config {args.config}: {str(error).splitlines()[0]}") \
+                from None
+        if not isinstance(loaded, dict):
+            raise DPOSetupError(f"--config {args.config}: not a YAML mapping")
+        values.update(loaded)
+    for key in ("data", "model", "out", "lora", "lora_r", "lora_alpha", "target_modules",
+                "seed", "max_length", "beta", "overwrite"):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = [str(v) for v in value] if key == "data" else value
+    if args.dpo:
+        dpo = dict(values.get("dpo") or {})
+        for item in args.dpo:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise DPOSetupError(f"--dpo {item!r}: expected KEY=VALUE")
+            dpo[key] = _yaml_value(raw)
+        values["dpo"] = dpo
+    return DPORunConfig.from_mapping(values)
+
+
+def run_dpo(args: argparse.Namespace) -> int:
+    try:
+        summary = train_dpo(config_from_args(args))
+    except DPOSetupError as error:
+        print(f"guardrail train dpo: error: {error}", file=sys.stderr)
+        return 2
+    print(f"trained {summary['steps']} steps on {summary['rows_used']} pairs "
+          f"({summary['rows_skipped']} skipped); saved to {summary['out']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m offline.train")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_dpo_parser(subparsers)
+    args = parser.parse_args(["dpo", *(argv if argv is not None else sys.argv[1:])])
+    handler: Any = args.handler
+    return int(handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
