@@ -19,7 +19,9 @@ import json
 import random
 import shutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,10 +213,20 @@ def _check_out(config: DPORunConfig) -> None:
     out = config.out
     if out.exists() and not out.is_dir():
         raise DPOSetupError(f"out: {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
-            raise DPOSetupError(f"out: {out} already holds files (another run?); "
-                                "pass --overwrite to replace them")
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise DPOSetupError(f"out: {out} already holds files (another run?); "
+                            "pass --overwrite to replace them")
+
+
+@contextmanager
+def _checkpointing_alias() -> Iterator[None]:
+    """TRL 1.16 (every step, trl/models/utils.py) and peft (wrapping the model) read
+    transformers' deprecated ``is_gradient_checkpointing``; that FutureWarning is theirs to fix,
+    and is silenced here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message="`is_gradient_checkpointing` is deprecated")
+        yield
 
 
 def prepare(config: DPORunConfig) -> Prepared:
@@ -268,9 +280,16 @@ def prepare(config: DPORunConfig) -> Prepared:
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                  target_modules=config.target_modules or "all-linear",
                                  task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft_config)
+    with _checkpointing_alias():
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=peft_config)
     return Prepared(trainer=trainer, files=files, rows=rows)
+
+
+def run_training(trainer: Any) -> Any:
+    """``trainer.train()``, without the deprecation noise of :func:`_checkpointing_alias`."""
+    with _checkpointing_alias():
+        return trainer.train()
 
 
 def train_dpo(config: DPORunConfig) -> dict[str, Any]:
@@ -280,7 +299,7 @@ def train_dpo(config: DPORunConfig) -> dict[str, Any]:
         shutil.rmtree(config.out)
     config.out.mkdir(parents=True, exist_ok=True)
     trainer = prepared.trainer
-    result = trainer.train()
+    result = run_training(trainer)
     trainer.save_model(str(config.out))  # the adapter only, for a LoRA run
     trainer.processing_class.save_pretrained(str(config.out))
     summary = {
