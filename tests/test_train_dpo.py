@@ -176,6 +176,9 @@ def test_bad_input_is_one_line_before_weights_load(r1_dir: Path, tmp_path: Path,
     _one_line_error(capsys, ["--data", str(good), "--model", str(r1_dir), "--out", str(taken)],
                     "pass --overwrite")
     assert (taken / "dpo_summary.json").read_text() == "{}"
+    _one_line_error(capsys, ["--data", str(good), "--model", str(r1_dir), "--out",
+                             str(tmp_path), "--overwrite"], "holds the input")
+    assert good.is_file()
 
 
 def test_command_line_wins_over_the_yaml(r1_dir: Path, tmp_path: Path,

@@ -216,6 +216,11 @@ def _check_out(config: DPORunConfig) -> None:
     if out.is_dir() and any(out.iterdir()) and not config.overwrite:
         raise DPOSetupError(f"out: {out} already holds files (another run?); "
                             "pass --overwrite to replace them")
+    # --overwrite deletes the folder: never one that holds the model or the data.
+    inputs = [Path(config.model), *(d.path for d in config.data)]
+    for held in inputs:
+        if held.exists() and held.resolve().is_relative_to(out.resolve()):
+            raise DPOSetupError(f"out: {out} holds the input {held}; choose another folder")
 
 
 @contextmanager
@@ -394,7 +399,7 @@ def run_dpo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m offline.train")
+    parser = argparse.ArgumentParser(prog="guardrail train")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_dpo_parser(subparsers)
     args = parser.parse_args(["dpo", *(argv if argv is not None else sys.argv[1:])])
