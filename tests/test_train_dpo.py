@@ -97,6 +97,7 @@ def test_full_dpo_changes_every_parameter_and_writes_the_run(r1_dir: Path,
 
     assert summary["steps"] == 2 and [e["step"] for e in summary["losses"]] == [1, 2]
     assert summary["rows_used"] == 4 and summary["rows_skipped"] == 2
+    assert summary["rows_truncated_away"] == 0
     files = summary["files"]
     assert [(f["valid"], f["used"], f["ratio"]) for f in files] == [(2, 2, 1.0), (4, 2, 0.5)]
     assert [s["line"] for s in files[0]["skipped"]] == [2, 3]

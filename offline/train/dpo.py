@@ -314,6 +314,8 @@ def train_dpo(config: DPORunConfig) -> dict[str, Any]:
                    for entry in trainer.state.log_history if "loss" in entry],
         "rows_used": len(prepared.rows),
         "rows_skipped": sum(len(f.skipped) for f in prepared.files),
+        # TRL drops pairs whose suffix max_length truncates away entirely; say how many.
+        "rows_truncated_away": len(prepared.rows) - len(trainer.train_dataset),
         "files": [{"path": str(f.spec.path), "ratio": f.spec.ratio, "valid": len(f.rows),
                    "used": f.used, "skipped": [{"line": b.line, "problem": b.problem}
                                                for b in f.skipped]}
