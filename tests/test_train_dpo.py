@@ -182,6 +182,20 @@ def test_bad_input_is_one_line_before_weights_load(r1_dir: Path, tmp_path: Path,
     assert good.is_file()
 
 
+def test_max_length_that_leaves_no_suffix_is_one_line(r1_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    good = write_jsonl(tmp_path / "pairs.jsonl", [pair(1)])
+    # Found once TRL has tokenized (weights loaded, progress bars above): the last line.
+    assert main(["--data", str(good), "--model", str(r1_dir), "--out", str(tmp_path / "o"),
+                 "--max-length", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == ("guardrail train dpo: error: max_length 8 cuts every pair's "
+                                    "suffix away (the prompts alone reach it); raise max_length")
+    out = tmp_path / "o"  # TRL creates the folder; nothing is written in it
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_command_line_wins_over_the_yaml(r1_dir: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", [pair(1), pair(2)])

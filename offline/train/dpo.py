@@ -246,7 +246,7 @@ def prepare(config: DPORunConfig) -> Prepared:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DPOSetupError(f"model: cannot load a tokenizer from {config.model}: {first}") \
             from None
-    if not getattr(tokenizer, "chat_template", None):
+    if not tokenizer.chat_template:
         raise DPOSetupError(f"model: {config.model} has no chat template; the pairs' prompts "
                             "must be rendered the way the model sees them")
     if tokenizer.pad_token is None:  # DPOTrainer pads chosen and rejected to one length
@@ -261,17 +261,20 @@ def prepare(config: DPORunConfig) -> Prepared:
     if not rows:
         raise DPOSetupError("data: the ratios select no pair")
 
+    import torch
     from trl.trainer.dpo_config import DPOConfig
 
+    # TRL defaults to bf16, which stops a run on a machine without a bf16 GPU; there, fp32.
+    precision = {} if "fp16" in config.dpo or "bf16" in config.dpo else {
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
     try:
-        args = DPOConfig(**(_DPO_DEFAULTS | config.dpo | {
+        args = DPOConfig(**(_DPO_DEFAULTS | precision | config.dpo | {
             "output_dir": str(config.out), "seed": config.seed,
             "max_length": config.max_length, "beta": config.beta}))
     except (TypeError, ValueError) as error:
         raise DPOSetupError(f"dpo: {str(error).strip().splitlines()[0]}") from None
 
     # Weights load only from here on.
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl.trainer.dpo_trainer import DPOTrainer
@@ -288,6 +291,10 @@ def prepare(config: DPORunConfig) -> Prepared:
     with _checkpointing_alias():
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft_config)
+    prepared: Any = trainer.train_dataset  # a Dataset here (built from a list above)
+    if len(prepared) == 0:
+        raise DPOSetupError(f"max_length {config.max_length} cuts every pair's suffix away "
+                            "(the prompts alone reach it); raise max_length")
     return Prepared(trainer=trainer, files=files, rows=rows)
 
 
