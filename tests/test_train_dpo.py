@@ -157,6 +157,9 @@ def test_bad_input_is_one_line_before_weights_load(r1_dir: Path, tmp_path: Path,
     _one_line_error(capsys, [*base, "--dpo", "lerning_rate=0.1"],
                     "dpo: unknown key 'lerning_rate'")
     _one_line_error(capsys, [*base, "--dpo", "beta=0.2"], "top-level key 'beta'")
+    config.write_text(f"data: [{good}]\nmodel: {r1_dir}\nlora: 'no'\n", "utf-8")
+    _one_line_error(capsys, ["--config", str(config), "--out", str(tmp_path / "o")],
+                    "'lora' must be true or false, not 'no'")
 
     bad = write_jsonl(tmp_path / "bad.jsonl", ["nope", {"prompt": "x"}])
     _one_line_error(capsys, ["--data", str(bad), *base[2:]],

@@ -120,19 +120,22 @@ class DPORunConfig:
         if not isinstance(dpo, dict):
             raise DPOSetupError("'dpo' must be a mapping of TRL DPOConfig fields")
         _check_dpo_keys(dpo)
+        for flag in ("lora", "overwrite"):
+            if not isinstance(values.get(flag, False), bool):
+                raise DPOSetupError(f"{flag!r} must be true or false, not {values[flag]!r}")
         modules = values.get("target_modules")
         if isinstance(modules, str):
             modules = [modules]
         try:
             return cls(data=[DataFile.parse(spec) for spec in data], model=str(values["model"]),
-                       out=Path(values["out"]), lora=bool(values.get("lora", False)),
+                       out=Path(values["out"]), lora=values.get("lora", False),
                        lora_r=int(values.get("lora_r", 16)),
                        lora_alpha=int(values.get("lora_alpha", 32)),
                        target_modules=list(modules) if modules else None,
                        seed=int(values.get("seed", 0)),
                        max_length=int(values.get("max_length", 2048)),
                        beta=float(values.get("beta", 0.1)),
-                       overwrite=bool(values.get("overwrite", False)), dpo=dict(dpo))
+                       overwrite=values.get("overwrite", False), dpo=dict(dpo))
         except (TypeError, ValueError) as error:
             if isinstance(error, DPOSetupError):
                 raise
