@@ -1,0 +1,173 @@
+"""Training data for SFT: files (or folders of ``*.jsonl``) mixed by ratio, every row accounted for.
+
+A spec is ``PATH`` or ``PATH:RATIO``. A file holds UnsafeChain records (``prompt`` +
+``response``, rendered by offline/train/render.py) or rows already in TRL's prompt-completion
+form. Rows that cannot be used are skipped with their line and reason; rendered rows longer than
+``max_length`` tokens are dropped and counted, never cut (a cut would train on a reasoning trace
+without its answer). A ratio scales a file's kept rows: 0.5 keeps a seeded half, 2.0 repeats
+them twice. :func:`scan` checks the shape with no tokenizer, so bad data fails before any load.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from offline.harvest.records import BadRow, read_jsonl
+from offline.train.render import ChatTokenizer, sft_rows
+
+NEITHER = "neither UnsafeChain fields (prompt, response) nor prompt/completion fields"
+
+
+class DataError(ValueError):
+    """Training data the command cannot use; one line naming the file and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    path: Path
+    ratio: float
+
+
+@dataclass(slots=True)
+class FileCard:
+    """What one file gave: rows read, used, skipped and dropped with their reasons."""
+
+    path: str
+    ratio: float
+    form: str
+    rows: int = 0
+    kept: int = 0
+    used: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "ratio": self.ratio, "form": self.form, "rows": self.rows,
+                "kept": self.kept, "used": self.used, "skipped": dict(self.skipped),
+                "dropped": dict(self.dropped)}
+
+
+@dataclass(slots=True)
+class Mixture:
+    rows: list[dict[str, str]]
+    cards: list[FileCard]
+
+    @property
+    def dropped(self) -> int:
+        return sum(sum(card.dropped.values()) for card in self.cards)
+
+    @property
+    def skipped(self) -> int:
+        return sum(sum(card.skipped.values()) for card in self.cards)
+
+
+def parse_spec(spec: str) -> list[Source]:
+    path_text, ratio = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            ratio = float(tail)
+            path_text = head
+        except ValueError:
+            pass  # a colon that is part of the path
+    if not ratio >= 0:
+        raise DataError(f"--data {spec}: the ratio must be a number >= 0")
+    path = Path(path_text)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise DataError(f"--data {spec}: the folder holds no *.jsonl file")
+        return [Source(item, ratio) for item in files]
+    if not path.is_file():
+        raise DataError(f"--data {spec}: no such file or folder")
+    return [Source(path, ratio)]
+
+
+def _form(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    if "prompt" in value and "response" in value:
+        return "unsafechain"
+    if isinstance(value.get("prompt"), str) and isinstance(value.get("completion"), str):
+        return "prompt-completion"
+    return None
+
+
+def scan(specs: list[str]) -> list[tuple[Source, str]]:
+    """Each file with its form, from its first JSON row; a file of another shape is an error."""
+    found: list[tuple[Source, str]] = []
+    for spec in specs:
+        for source in parse_spec(spec):
+            form = None
+            for row in read_jsonl(source.path):
+                if isinstance(row, BadRow):
+                    continue
+                line, value = row
+                form = _form(value)
+                if form is None:
+                    keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+                    raise DataError(f"{source.path}:{line}: {NEITHER} (found {keys})")
+                break
+            if form is None:
+                raise DataError(f"{source.path}: no JSON rows to train on")
+            found.append((source, form))
+    return found
+
+
+def _length(tokenizer: Any, row: dict[str, str]) -> int:
+    return len(tokenizer(text=row["prompt"] + row["completion"])["input_ids"])
+
+
+def _plain_rows(path: Path, card: FileCard) -> list[dict[str, str]]:
+    rows = []
+    for row in read_jsonl(path):
+        card.rows += 1
+        if isinstance(row, BadRow):
+            card.skipped[row.problem] += 1
+        elif _form(row[1]) != "prompt-completion":
+            card.skipped["not a prompt/completion row"] += 1
+        else:
+            rows.append({"prompt": row[1]["prompt"], "completion": row[1]["completion"]})
+    return rows
+
+
+def _scaled(rows: list[dict[str, str]], ratio: float, rng: random.Random) -> list[dict[str, str]]:
+    whole, part = divmod(ratio, 1.0)
+    out = rows * int(whole)
+    out += rng.sample(rows, round(part * len(rows)))
+    return out
+
+
+def build(sources: list[tuple[Source, str]], tokenizer: ChatTokenizer, max_length: int,
+          seed: int) -> Mixture:
+    rng = random.Random(seed)
+    mixed: list[dict[str, str]] = []
+    cards = []
+    for source, form in sources:
+        card = FileCard(str(source.path), source.ratio, form)
+        if form == "unsafechain":
+            read = list(read_jsonl(source.path))
+            card.rows = len(read)
+            rendered = sft_rows(read, tokenizer)
+            for bad in rendered.skipped:
+                card.skipped[bad.problem] += 1
+            rows = rendered.rows
+        else:
+            rows = _plain_rows(source.path, card)
+        kept = []
+        for row in rows:
+            if _length(tokenizer, row) > max_length:
+                card.dropped[f"longer than max_length ({max_length} tokens)"] += 1
+            else:
+                kept.append(row)
+        card.kept = len(kept)
+        used = _scaled(kept, source.ratio, rng)
+        card.used = len(used)
+        mixed += used
+        cards.append(card)
+    rng.shuffle(mixed)
+    return Mixture(mixed, cards)
