@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ class SFTResult:
     summary: dict[str, Any]
 
 
-def check_out(config: SFTScriptConfig) -> Path:
+def check_out(config: SFTScriptConfig) -> tuple[Path, bool]:
+    """The output folder, and whether an old run there is to be cleared (--overwrite)."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: exists and is not a folder")
@@ -47,8 +49,8 @@ def check_out(config: SFTScriptConfig) -> Path:
             what = f"another run ({', '.join(held)})" if held else "other files"
             raise RunError(f"--out {out}: holds {what}; pass --overwrite to replace it or "
                            "--resume to continue it")
-        shutil.rmtree(out)
-    return out
+        return out, True
+    return out, False
 
 
 def resume_point(config: SFTScriptConfig, out: Path) -> str | None:
@@ -123,7 +125,7 @@ def _write_card(out: Path, mixture: Mixture, config: SFTScriptConfig) -> None:
 
 def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTResult:
     """Check everything that can be checked cheaply, then train and write the output folder."""
-    out = check_out(config)
+    out, clear = check_out(config)
     resume = resume_point(config, out)
     sources = scan(config.data)
     tokenizer = load_tokenizer(config.model)
@@ -139,6 +141,8 @@ def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTR
     from trl.trainer.sft_trainer import SFTTrainer
 
     args = SFTConfig(**arguments)
+    if clear:  # only now that the new run can start: a failed start loses nothing
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     resolved = config.to_dict() | {"sft": {key: value for key, value in arguments.items()
                                             if key not in ("output_dir", "max_length", "seed")}}
@@ -146,10 +150,15 @@ def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTR
     _write_card(out, mixture, config)
 
     model = AutoModelForCausalLM.from_pretrained(config.model)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(mixture.rows),
-                         processing_class=tokenizer,
-                         peft_config=_peft_config(config) if config.lora else None,
-                         callbacks=callbacks)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated alias while wrapping the model: not ours.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        trainer = SFTTrainer(model=model, args=args,
+                             train_dataset=Dataset.from_list(mixture.rows),
+                             processing_class=tokenizer,
+                             peft_config=_peft_config(config) if config.lora else None,
+                             callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=resume)
     trained: Any = trainer.model
     if config.merge:
