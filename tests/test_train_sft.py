@@ -81,6 +81,16 @@ def test_full_sft_changes_every_weight_and_writes_the_run(model_dir: Path, data:
     assert AutoTokenizer.from_pretrained(out).chat_template
 
 
+def test_same_seed_same_weights(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["sft", "--data", f"{data}:1.5", "--model", str(model_dir), "--out",
+                     str(out), "--seed", "7", *FAST]) == 0
+        runs.append(weights(out))
+    assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+
+
 class Snapshot(TrainerCallback):
     """The trainer's parameters as training starts and as it ends."""
 
@@ -190,7 +200,8 @@ def _no_weights(model_dir: Path, folder: Path, template: bool = True) -> Path:
 
 
 @pytest.mark.parametrize("case", ["wrong-data", "no-template", "unknown-key", "unknown-sft-key",
-                                  "taken-out", "merge-without-lora", "missing-file"])
+                                  "taken-out", "merge-without-lora", "missing-file", "bad-type",
+                                  "trl-refuses"])
 def test_bad_input_is_one_line_before_any_weights_load(
         case: str, model_dir: Path, data: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,6 +217,8 @@ def test_bad_input_is_one_line_before_any_weights_load(
         "taken-out": "holds another run (training_summary.json); pass --overwrite",
         "merge-without-lora": "--merge merges a LoRA adapter: it needs --lora",
         "missing-file": "nope.jsonl: no such file or folder",
+        "bad-type": "seed: expected int, not 'ten'",
+        "trl-refuses": "sft: TRL refuses the settings",
     }[case]
     if case == "wrong-data":
         (tmp_path / "chat.jsonl").write_text('{"messages": []}\n', encoding="utf-8")
@@ -220,6 +233,11 @@ def test_bad_input_is_one_line_before_any_weights_load(
         (out / "training_summary.json").write_text("{}", encoding="utf-8")
     elif case == "merge-without-lora":
         argv.append("--merge")
+    elif case == "bad-type":
+        (tmp_path / "c.yaml").write_text("seed: ten\n", encoding="utf-8")
+        argv += ["--config", str(tmp_path / "c.yaml")]
+    elif case == "trl-refuses":
+        argv += ["--sft", "save_strategy=sometimes"]
     elif case == "missing-file":
         argv[2] = str(tmp_path / "nope.jsonl")
     assert main(argv) == 2

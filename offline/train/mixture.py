@@ -97,21 +97,28 @@ def _form(value: Any) -> str | None:
     return None
 
 
+def _first_form(path: Path) -> str | None:
+    try:
+        for row in read_jsonl(path):
+            if isinstance(row, BadRow):
+                continue
+            line, value = row
+            form = _form(value)
+            if form is None:
+                keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+                raise DataError(f"{path}:{line}: {NEITHER} (found {keys})")
+            return form
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read it ({error})") from None
+    return None
+
+
 def scan(specs: list[str]) -> list[tuple[Source, str]]:
     """Each file with its form, from its first JSON row; a file of another shape is an error."""
     found: list[tuple[Source, str]] = []
     for spec in specs:
         for source in parse_spec(spec):
-            form = None
-            for row in read_jsonl(source.path):
-                if isinstance(row, BadRow):
-                    continue
-                line, value = row
-                form = _form(value)
-                if form is None:
-                    keys = sorted(value) if isinstance(value, dict) else type(value).__name__
-                    raise DataError(f"{source.path}:{line}: {NEITHER} (found {keys})")
-                break
+            form = _first_form(source.path)
             if form is None:
                 raise DataError(f"{source.path}: no JSON rows to train on")
             found.append((source, form))

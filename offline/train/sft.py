@@ -140,7 +140,11 @@ def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTR
     from trl.trainer.sft_config import SFTConfig
     from trl.trainer.sft_trainer import SFTTrainer
 
-    args = SFTConfig(**arguments)
+    try:
+        args = SFTConfig(**arguments)
+    except (ValueError, TypeError) as error:  # e.g. save_strategy: sometimes
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise RunError(f"sft: TRL refuses the settings ({first})") from None
     if clear:  # only now that the new run can start: a failed start loses nothing
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

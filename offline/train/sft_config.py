@@ -121,6 +121,7 @@ def check(config: SFTScriptConfig) -> None:
             raise ConfigError(f"--{name} is required (or {name!r} in the config)")
     if isinstance(config.data, str):
         config.data = [config.data]
+    _check_types(config)
     known = sft_fields()
     for key in config.sft:
         if key in OWNED:
@@ -135,6 +136,26 @@ def check(config: SFTScriptConfig) -> None:
     for name in ("lora_r", "lora_alpha"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: a positive integer, not {getattr(config, name)}")
+
+
+TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "out": (str,), "lora": (bool,), "merge": (bool,), "overwrite": (bool,),
+    "lora_r": (int,), "lora_alpha": (int,), "max_length": (int,), "seed": (int,),
+    "lora_dropout": (float, int), "lora_target_modules": (str, list),
+    "resume": (str, type(None)),
+}
+
+
+def _check_types(config: SFTScriptConfig) -> None:
+    """Our own fields have fixed types; a YAML slip (``seed: ten``) is one line, not a crash."""
+    for name, types in TYPES.items():
+        value = getattr(config, name)
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types):
+            wanted = " or ".join(kind.__name__ for kind in types)
+            raise ConfigError(f"{name}: expected {wanted}, not {value!r}")
+    if not all(isinstance(item, str) for item in config.data):
+        raise ConfigError(f"data: a list of FILE_OR_DIR[:RATIO] strings, not {config.data!r}")
 
 
 def sft_arguments(config: SFTScriptConfig, output_dir: Path) -> dict[str, Any]:
