@@ -3,6 +3,7 @@ Qwen2 (tests/tiny_models.py): a few CPU steps each, through ``main(argv)`` as th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from offline.harvest.records import UnsafeChainRecord
 from offline.train.command import main
+from offline.train.mixture import DataError, build, scan
 from offline.train.sft import run_sft
 from offline.train.sft_config import ConfigError, read_yaml, resolve
 from tests.tiny_models import CORPUS, R1, RECORD, build_model, build_tokenizer
@@ -79,6 +81,29 @@ def test_full_sft_changes_every_weight_and_writes_the_run(model_dir: Path, data:
         "path": "", "ratio": 1.0, "form": "unsafechain", "rows": 2, "kept": 2, "used": 2,
         "skipped": {}, "dropped": {}}
     assert AutoTokenizer.from_pretrained(out).chat_template
+    if importlib.util.find_spec("matplotlib") is None:  # the curve is optional, and says so
+        assert run["loss_curve"] is None and not (out / "loss_curve.png").exists()
+    else:
+        assert run["loss_curve"] == "loss_curve.png"
+        assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mixture_ratios_and_prompt_completion_rows(model_dir: Path, data: Path,
+                                                   tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}</s>"} for i in range(10)]
+    (ready / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), "utf-8")
+    sources = scan([f"{data}:3", f"{ready}:0.5"])
+    assert [form for _, form in sources] == ["unsafechain", "prompt-completion"]
+    first = build(sources, tokenizer, max_length=512, seed=1)
+    assert [card.used for card in first.cards] == [6, 5] and len(first.rows) == 11
+    assert all(row in rows for row in first.rows if row["prompt"].startswith("p"))
+    again = build(sources, tokenizer, max_length=512, seed=1)
+    assert again.rows == first.rows  # seeded
+    with pytest.raises(DataError, match="ratio must be a number >= 0"):
+        scan([f"{data}:-1"])
 
 
 def test_same_seed_same_weights(model_dir: Path, data: Path, tmp_path: Path) -> None:
