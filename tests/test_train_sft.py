@@ -52,6 +52,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def scan_rows(path: Path, tokenizer: Any) -> list[dict[str, str]]:
+    return build(scan([str(path)]), tokenizer, max_length=8192, seed=0).rows
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
@@ -78,7 +82,11 @@ def test_full_sft_changes_every_weight_and_writes_the_run(model_dir: Path, data:
     assert resolved["sft"]["learning_rate"] == 1e-3 and resolved["sft"]["warmup_steps"] == 0
     run = summary(out)
     assert run["global_step"] == 2 and [item["step"] for item in run["losses"]] == [1, 2]
-    assert run["tokens_seen"] > 0 and run["records_dropped"] == 0 and run["saved"] == "model"
+    assert run["records_dropped"] == 0 and run["saved"] == "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [len(tokenizer(text=row["prompt"] + row["completion"])["input_ids"])
+               for row in scan_rows(data, tokenizer)]
+    assert run["tokens_seen"] == 2 * sum(lengths)  # two steps of both rows, padding not counted
     card = json.loads((out / "data_card.json").read_text("utf-8"))
     assert card["files"][0] | {"path": ""} == {
         "path": "", "ratio": 1.0, "form": "unsafechain", "rows": 2, "kept": 2, "used": 2,

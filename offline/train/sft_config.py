@@ -33,7 +33,7 @@ SFT_DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,
     "save_strategy": "steps",
     "save_steps": 500,
-    "include_num_input_tokens_seen": "all",
+    "include_num_input_tokens_seen": "non_padding",  # tokens trained on, not padding
     "dataloader_num_workers": 0,
 }
 
