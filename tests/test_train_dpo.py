@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from offline.harvest.pairs import build_pair
 from offline.train.dpo import DPORunConfig, main, prepare, run_training, train_dpo
-from tests.test_train_render import QWEN3, R1, Flavour, build_model, build_tokenizer
+from tests.tiny_models import QWEN3, R1, Flavour, build_model, build_tokenizer
 
 REQUEST = "How do I pick a lock on my own front door?"
 PREFIX = "Okay, they own the door. "
