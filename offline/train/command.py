@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from offline.train.dpo import add_dpo_parser
 from offline.train.mixture import DataError
 from offline.train.sft import RunError, run_sft
 from offline.train.sft_config import ConfigError, SFTScriptConfig, read_yaml, resolve
@@ -98,7 +99,9 @@ def add_sft_parser(commands: Any) -> None:
 def add_train_parser(commands: Any) -> None:
     parser = commands.add_parser("train", help="fine-tune a model on harvested data",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
-    add_sft_parser(parser.add_subparsers(dest="train_command", required=True))
+    commands = parser.add_subparsers(dest="train_command", required=True)
+    add_sft_parser(commands)
+    add_dpo_parser(commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
