@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from offline.harvest.records import BadRow, RecordError, read_jsonl
+from offline.train.mixture import scaled
 
 SUMMARY_FILE = "dpo_summary.json"
 CONFIG_FILE = "dpo_config.yaml"
@@ -203,9 +204,7 @@ def _mix(files: list[FileRows], seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
     mixed: list[dict[str, str]] = []
     for f in files:
-        whole, part = divmod(f.spec.ratio, 1.0)
-        take = list(f.rows) * int(whole)
-        take += rng.sample(f.rows, round(part * len(f.rows)))
+        take = scaled(list(f.rows), f.spec.ratio, rng)
         f.used = len(take)
         mixed += take
     rng.shuffle(mixed)

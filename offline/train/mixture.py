@@ -142,7 +142,9 @@ def _plain_rows(path: Path, card: FileCard) -> list[dict[str, str]]:
     return rows
 
 
-def _scaled(rows: list[dict[str, str]], ratio: float, rng: random.Random) -> list[dict[str, str]]:
+def scaled(rows: list[dict[str, str]], ratio: float, rng: random.Random) -> list[dict[str, str]]:
+    """``rows`` at ``ratio``: whole copies for its integer part, a seeded sample for the rest
+    (what SFT's mixtures and DPO's pair files both use)."""
     whole, part = divmod(ratio, 1.0)
     out = rows * int(whole)
     out += rng.sample(rows, round(part * len(rows)))
@@ -172,7 +174,7 @@ def build(sources: list[tuple[Source, str]], tokenizer: ChatTokenizer, max_lengt
             else:
                 kept.append(row)
         card.kept = len(kept)
-        used = _scaled(kept, source.ratio, rng)
+        used = scaled(kept, source.ratio, rng)
         card.used = len(used)
         mixed += used
         cards.append(card)
