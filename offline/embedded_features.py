@@ -7,7 +7,7 @@ embedded once (its last ``request_tokens`` tokens). A request row is its prompt'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,21 +43,48 @@ class ResponseSet:
                            mapping[self.owner[keep]][order], self.prompts[index])
 
 
+@dataclass
+class WindowSet:
+    """Response rows and the window texts the guard judges them by."""
+
+    records: list[Labelled]
+    texts: list[str]
+    owner: npt.NDArray[np.int64]
+    """The record index of each window, in record order."""
+
+    def subset(self, chosen: Sequence[int]) -> WindowSet:
+        index = np.asarray(chosen, dtype=np.int64)
+        mapping = -np.ones(len(self.records), dtype=np.int64)
+        mapping[index] = np.arange(len(index))
+        keep = np.flatnonzero(np.isin(self.owner, index))
+        order = keep[np.argsort(mapping[self.owner[keep]], kind="stable")]
+        return WindowSet([self.records[i] for i in index], [self.texts[i] for i in order],
+                         mapping[self.owner[order]])
+
+
+def response_windows(records: Sequence[Labelled], split: Callable[..., list[str]],
+                     limit: tuple[int, int] | None = TRAIN_WINDOWS,
+                     window_tokens: int = WINDOW_TOKENS,
+                     window_stride: int = WINDOW_STRIDE) -> WindowSet:
+    """Each response cut as the guard cuts a step (``SentenceEncoder.windows``)."""
+    texts: list[str] = []
+    owner: list[int] = []
+    for index, record in enumerate(records):
+        for window in split(record.response, window_tokens, window_stride, limit):
+            texts.append(window.strip() or record.response)
+            owner.append(index)
+    return WindowSet(list(records), texts, np.asarray(owner, dtype=np.int64))
+
+
 def embed_responses(records: Sequence[Labelled], cache: EmbeddingCache,
                     limit: tuple[int, int] | None = TRAIN_WINDOWS,
                     window_tokens: int = WINDOW_TOKENS, window_stride: int = WINDOW_STRIDE,
                     request_tokens: int = REQUEST_TOKENS) -> ResponseSet:
-    texts: list[str] = []
-    owner: list[int] = []
-    for index, record in enumerate(records):
-        for window in cache.encoder.windows(record.response, window_tokens, window_stride,
-                                            limit):
-            texts.append(window.strip() or record.response)
-            owner.append(index)
-    windows = cache.encode(texts, window_tokens, "right", desc="response windows")
+    cut = response_windows(records, cache.encoder.windows, limit, window_tokens, window_stride)
+    windows = cache.encode(cut.texts, window_tokens, "right", desc="response windows")
     prompts = cache.encode([record.prompt for record in records], request_tokens, "left",
                            desc="prompts")
-    return ResponseSet(list(records), windows, np.asarray(owner, dtype=np.int64), prompts)
+    return ResponseSet(list(records), windows, cut.owner, prompts)
 
 
 def embed_requests(records: Sequence[Labelled], cache: EmbeddingCache,

@@ -131,6 +131,8 @@ class SentenceEncoder:
         # local_files_only: a folder path never reaches for the hub, even if it looks like an id.
         self._tokenizer: Any = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self._model: Any = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        # float32 whatever the folder stores (an fp16 copy carried to a training machine too).
+        self._model.float()
         self._model.eval()
         self.dim = int(self._model.config.hidden_size)
 
@@ -149,26 +151,57 @@ class SentenceEncoder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        limit = min(max_length or self.max_length, self.max_length)
         # Longest first, as sentence-transformers does, so each batch pads to similar lengths.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        self._tokenizer.truncation_side = truncation
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                batch = self._tokenizer(
-                    [texts[i] for i in chunk],
-                    padding=True,
-                    truncation=True,
-                    max_length=limit,
-                    return_tensors="pt",
-                )
-                hidden = self._model(**batch).last_hidden_state
-                pooled = self._pool(hidden, batch["attention_mask"])
-                if self.normalize:
-                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[chunk] = pooled.to(torch.float32).numpy()
+                batch = self.tokenize([texts[i] for i in chunk], max_length=max_length,
+                                      truncation=truncation)
+                out[chunk] = self.embed(batch).to("cpu", torch.float32).numpy()
         return out
+
+    def tokenize(self, texts: Sequence[str], *, max_length: int | None = None,
+                 truncation: Truncation = "right") -> dict[str, torch.Tensor]:
+        """The model's input for ``texts``, padded to the longest (what ``embed`` takes)."""
+        limit = min(max_length or self.max_length, self.max_length)
+        self._tokenizer.truncation_side = truncation
+        batch: dict[str, torch.Tensor] = dict(self._tokenizer(
+            list(texts), padding=True, truncation=True, max_length=limit, return_tensors="pt"))
+        return batch
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled (and normalised, where the folder says so) embeddings of a tokenized batch,
+        with autograd as the caller has it: fine-tuning calls this same function, so training
+        and the guard pool alike."""
+        hidden = self._model(**batch).last_hidden_state
+        pooled = self._pool(hidden, batch["attention_mask"])
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled
+
+    @property
+    def model(self) -> Any:
+        """The transformers model (training unfreezes and moves it)."""
+        return self._model
+
+    def with_layers(self, file: str | Path) -> SentenceEncoder:
+        """A copy of this encoder with the fine-tuned layers in ``file``
+        (``encoder_layers.safetensors``) in place of its own. The unchanged modules are shared
+        with this encoder, so the copy costs the memory of the changed layers only."""
+        from guardrail.guards.embedded.layers import apply_layers, read_layers
+
+        tensors, _ = read_layers(file)
+        tuned = SentenceEncoder(self.path, max_length=self.max_length,
+                                batch_size=self.batch_size)
+        changed = apply_layers(tuned._model, tensors, file)
+        mine, theirs = transformer_layers(self._model), transformer_layers(tuned._model)
+        if mine is not None and theirs is not None and hasattr(self._model, "embeddings"):
+            tuned._model.embeddings = self._model.embeddings
+            for index in range(len(theirs)):
+                if index not in changed:
+                    theirs[index] = mine[index]
+        return tuned
 
     def windows(self, text: str, size: int, stride: int,
                 limit: tuple[int, int] | None = None) -> list[str]:
@@ -209,6 +242,12 @@ class SentenceEncoder:
             return hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
         summed = (hidden * mask).sum(dim=1)
         return summed / torch.clamp(mask.sum(dim=1), min=1e-9)
+
+
+def transformer_layers(model: Any) -> torch.nn.ModuleList | None:
+    """A BERT-style model's transformer layers (``model.encoder.layer``), if it has them."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
 
 
 def load_encoder(path: str | Path | None = None, **options: Any) -> SentenceEncoder:

@@ -25,6 +25,9 @@ by the step head, shown as a step of its own.
 ``guard.model``: unset uses the shipped head; otherwise a folder holding a ``head.json`` (as
 the training script writes it) and, optionally, an ``encoder/`` folder with the encoder that head
 was trained on (the packaged all-MiniLM-L6-v2 when absent); a path to a ``head.json`` works too.
+A head trained with fine-tuned encoder layers (``--finetune-layers``) names its
+``encoder_layers.safetensors`` beside it: steps are embedded by the base encoder with those
+layers in place, requests (the request and category heads) by the base encoder as it is.
 
 Loading takes a few seconds and happens once, on the first check or in ``warm_up()``. Inference
 runs in a worker thread, and concurrent checks are micro-batched into one forward pass.
@@ -101,6 +104,12 @@ class EmbeddedGuard:
         head_file, self._encoder_path = resolve_model(self.config.model)
         # Read now (cheap, no torch): a broken head is a start-up error, not a per-step one.
         self.head: LinearHead = load_head(head_file)
+        self._layers_file: Path | None = None
+        if self.head.encoder_layers:
+            self._layers_file = head_file.parent / self.head.encoder_layers
+            if not self._layers_file.is_file():
+                raise ConfigError(f"embedded guard: {head_file} was trained with fine-tuned "
+                                  f"encoder layers, and {self._layers_file} is missing")
         request_file = resolve_request_head(head_file, self._encoder_path)
         self.request_head: LinearHead | None = load_head(request_file) if request_file else None
         category_file = head_file.parent / CATEGORY_FILE
@@ -110,6 +119,9 @@ class EmbeddedGuard:
             raise ConfigError(f"embedded guard: {category_file} expects "
                               f"{self.category_head.dim}-d embeddings, {head_file} "
                               f"{self.head.dim}-d")
+        if self.request_head is not None and self.request_head.encoder_layers:
+            raise ConfigError(f"embedded guard: {request_file}: a request head on fine-tuned "
+                              "layers is not supported (requests use the base encoder)")
         if self.request_head is not None and self.request_head.dim != self.head.dim:
             raise ConfigError(f"embedded guard: {request_file} expects "
                               f"{self.request_head.dim}-d embeddings, {head_file} "
@@ -153,9 +165,13 @@ class EmbeddedGuard:
                         f"embedded guard: the head expects {self.head.dim}-d embeddings, the "
                         f"encoder in {encoder.path} gives {encoder.dim}"
                     )
-                self._featurizer = _featurizer(self.head, encoder)
+                # Steps through the fine-tuned layers where the head has them; requests (and
+                # the category head, which reads them) through the base encoder.
+                steps = (encoder.with_layers(self._layers_file) if self._layers_file
+                         else encoder)
+                self._featurizer = _featurizer(self.head, steps, encoder)
                 if self.request_head is not None:
-                    self._request_featurizer = _featurizer(self.request_head, encoder)
+                    self._request_featurizer = _featurizer(self.request_head, encoder, encoder)
             return self._featurizer
 
     def _score_batch(self, views: list[GuardView]) -> list[tuple[float, tuple[str, ...]]]:
@@ -249,20 +265,21 @@ class EmbeddedGuard:
             self._request_featurizer = None
 
 
-def _featurizer(head: LinearHead, encoder: SentenceEncoder) -> ViewFeaturizer:
+def _featurizer(head: LinearHead, steps: SentenceEncoder,
+                requests: SentenceEncoder) -> ViewFeaturizer:
     tokens = head.request_max_tokens
     size, stride = head.window_tokens, head.window_stride
     if not size:  # a version-1 head: the step whole, cut at step_max_tokens
         return ViewFeaturizer(
             head,
-            encode_steps=encoder.encode,
-            encode_requests=lambda texts: encoder.encode(texts, max_length=tokens,
-                                                         truncation="left"),
+            encode_steps=steps.encode,
+            encode_requests=lambda texts: requests.encode(texts, max_length=tokens,
+                                                          truncation="left"),
         )
     return ViewFeaturizer(
         head,
-        encode_steps=lambda texts: encoder.encode(texts, max_length=size),
-        encode_requests=lambda texts: encoder.encode(texts, max_length=tokens,
-                                                     truncation="left"),
-        split=lambda text: encoder.windows(text, size, stride),
+        encode_steps=lambda texts: steps.encode(texts, max_length=size),
+        encode_requests=lambda texts: requests.encode(texts, max_length=tokens,
+                                                      truncation="left"),
+        split=lambda text: steps.windows(text, size, stride),
     )

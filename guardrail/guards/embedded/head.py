@@ -20,6 +20,12 @@ overlapping windows (``window_tokens`` long, one every ``window_stride`` tokens)
 is its worst window's. Long steps are not cut off: harm at the end of a long answer counts. A
 version-1 head (no windows) cuts a step at ``step_max_tokens``, as before.
 
+Fine-tuned layers (format version 3): a head with ``encoder_layers`` was trained on an encoder
+whose top layers were fine-tuned with it; the file it names (beside the head) holds those
+layers, and the guard embeds steps with them (``layers.py``). Requests are still embedded by the
+base encoder. Only such a head is written as version 3, so older code refuses it rather than
+scoring it on the wrong encoder.
+
 The head is logistic regression on those features: ``score = sigmoid(w . x + b)``. It is stored as
 ``head.json`` (numbers as text, so it diffs and needs no pickle).
 """
@@ -41,7 +47,9 @@ from guardrail.guards.base import GuardView
 
 HEAD_FORMAT = "reasoning-guardrail/embedded-head"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+LAYERS_FORMAT_VERSION = 3
+"""Written instead of FORMAT_VERSION by a head that names fine-tuned encoder layers."""
+READABLE_VERSIONS = (1, 2, 3)
 INPUT_FORMAT = "blocks-v1"
 HEAD_FILE = "head.json"
 BLOCKS = ("step", "context", "request", "step*request", "step*context")
@@ -66,6 +74,9 @@ class LinearHead:
     window_tokens: int = 0
     """0: the step is embedded whole (its first ``step_max_tokens`` tokens); else windows."""
     window_stride: int = 0
+    encoder_layers: str = ""
+    """The file (beside the head) of the fine-tuned encoder layers its steps are embedded
+    with; empty: the base encoder as it is."""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +93,10 @@ class LinearHead:
         if self.window_tokens and not 0 < self.window_stride <= self.window_tokens - 2:
             raise ConfigError(f"embedded head: window stride {self.window_stride} must be 1 to "
                               f"{self.window_tokens - 2} for {self.window_tokens}-token windows")
+        if self.encoder_layers and (Path(self.encoder_layers).name != self.encoder_layers
+                                    or self.blocks != ("step",)):
+            raise ConfigError("embedded head: encoder_layers must be a file name beside the head, "
+                              "and only a head on the step alone may have them")
 
     @property
     def uses_step(self) -> bool:
@@ -119,9 +134,10 @@ class LinearHead:
         return 1.0 / (1.0 + np.exp(-logits))
 
     def to_json(self) -> dict[str, Any]:
+        layers = {"encoder_layers": self.encoder_layers} if self.encoder_layers else {}
         return {
             "format": HEAD_FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": LAYERS_FORMAT_VERSION if self.encoder_layers else FORMAT_VERSION,
             "input_format": INPUT_FORMAT,
             "encoder": self.encoder,
             "dim": self.dim,
@@ -130,6 +146,7 @@ class LinearHead:
             "step_max_tokens": self.step_max_tokens,
             "window_tokens": self.window_tokens,
             "window_stride": self.window_stride,
+            **layers,
             "threshold": self.threshold,
             "bias": self.bias,
             "weights": [float(f"{value:.7g}") for value in self.weights],
@@ -161,7 +178,7 @@ def load_head(path: str | Path) -> LinearHead:
             or data.get("input_format") != INPUT_FORMAT):
         raise ConfigError(
             f"{file}: head version {data.get('format_version')}/{data.get('input_format')} "
-            f"unsupported (this code reads {FORMAT_VERSION}/{INPUT_FORMAT})"
+            f"unsupported (this code reads {READABLE_VERSIONS}/{INPUT_FORMAT})"
         )
     try:
         return LinearHead(
@@ -175,6 +192,7 @@ def load_head(path: str | Path) -> LinearHead:
             step_max_tokens=int(data.get("step_max_tokens", 256)),
             window_tokens=int(data.get("window_tokens", 0)),
             window_stride=int(data.get("window_stride", 0)),
+            encoder_layers=str(data.get("encoder_layers", "")),
             metadata=dict(data.get("metadata", {})),
         )
     except (KeyError, TypeError, ValueError) as error:
