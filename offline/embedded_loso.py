@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from offline.embedded_data import Labelled, load_requests, load_responses
 from offline.embedded_features import ResponseSet, embed_requests, embed_responses
+from offline.embedded_finetune import FineTuneSettings
 from offline.embedded_model import (
     Array,
     FitSettings,
@@ -45,6 +46,33 @@ from offline.embedded_model import (
 from offline.embedding_cache import EmbeddingCache
 
 JBB_FAMILY = ("jbb-artifacts", "jbb-targets")
+
+
+class ResponseRows(Protocol):
+    """Response rows as a recipe needs them: cached embeddings (``ResponseSet``, the frozen
+    recipe) or window texts (``WindowSet``, fine-tuning)."""
+
+    @property
+    def records(self) -> list[Labelled]: ...
+
+    def subset(self, chosen: Sequence[int]) -> Any: ...
+
+
+Rows = TypeVar("Rows", bound=ResponseRows)
+Rows_contra = TypeVar("Rows_contra", contravariant=True)
+
+
+class ScoringHead(Protocol[Rows_contra]):
+    @property
+    def threshold(self) -> float: ...
+
+    def scores(self, data: Rows_contra) -> Array: ...
+
+
+class ResponseRecipe(Protocol[Rows_contra]):
+    """Trains a response head on rows and chooses its threshold on them alone."""
+
+    def train(self, data: Rows_contra) -> ScoringHead[Rows_contra]: ...
 RESPONSE_FPR = {"refusal": 0.02, "benign-answer": 0.02}
 REQUEST_FPR = {"everyday": 0.01, "lookalike": 0.10}
 
@@ -173,17 +201,27 @@ def response_folds(records: Sequence[Labelled]) -> list[tuple[str, tuple[str, ..
     return folds
 
 
-def loso_responses(data: ResponseSet, recipe: HeadRecipe,
-                   progress: Callable[[str], None]) -> dict[str, Any]:
+def loso_responses(data: Rows, recipe: ResponseRecipe[Rows],
+                   progress: Callable[[str], None],
+                   store: Path | None = None) -> dict[str, Any]:
     """Per held-out source: the report of the model trained without it; plus the evaluation-only
-    sets scored by the all-sources model and by the JBB-family fold."""
+    sets scored by the all-sources model and by the JBB-family fold. With ``store``, each
+    finished fold's results are kept there (``NAME.json``) and a rerun skips it."""
     records = data.records
     results: dict[str, Any] = {}
     eval_only = [i for i, r in enumerate(records) if r.eval_only]
     for name, sources in response_folds(records):
+        kept = store / f"fold-{name}.json" if store is not None else None
+        if kept is not None and kept.is_file():
+            results |= json.loads(kept.read_text(encoding="utf-8"))
+            progress(f"fold {name}: done before, kept in {kept}")
+            continue
         started = time.perf_counter()
+        before = set(results)
         train = [i for i, r in enumerate(records) if not r.eval_only and r.source not in sources]
         test = [i for i, r in enumerate(records) if r.source in sources]
+        if not test:
+            continue
         head = recipe.train(data.subset(train))
         tested = data.subset(test)
         results[name] = report(tested.records, head.scores(tested), head.threshold)
@@ -193,14 +231,38 @@ def loso_responses(data: ResponseSet, recipe: HeadRecipe,
                 chosen = data.subset([i for i in eval_only if records[i].source == source])
                 results[f"{source} (without JBB)"] = report(
                     chosen.records, head.scores(chosen), head.threshold)
+        del head  # a fine-tuned fold's model goes before the next one is trained
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps({key: results[key] for key in results if key not in before}),
+                            encoding="utf-8")
         progress(f"fold {name}: {time.perf_counter() - started:.0f}s")
+    kept = store / "fold-_all-sources.json" if store is not None else None
+    if kept is not None and kept.is_file():
+        stored: dict[str, Any] = json.loads(kept.read_text(encoding="utf-8"))
+        return results | stored
+    before = set(results)
     head = recipe.train(data.subset([i for i, r in enumerate(records) if not r.eval_only]))
     for source in sorted({records[i].source for i in eval_only}):
         chosen = data.subset([i for i in eval_only if records[i].source == source])
         results[f"{source} (all sources)"] = report(chosen.records, head.scores(chosen),
                                                     head.threshold)
     results["_threshold_all_sources"] = round(head.threshold, 4)
+    if kept is not None:
+        kept.write_text(json.dumps({key: results[key] for key in results if key not in before}),
+                        encoding="utf-8")
     return results
+
+
+def fold_store(root: Path, recipe: dict[str, Any], records: Sequence[Labelled]) -> Path:
+    """Where a LOSO run keeps its finished folds: a folder per recipe and data, so a rerun
+    with other settings or rows starts afresh instead of reusing stale folds."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
+    for record in records:
+        digest.update(f"{record.key}:{record.label}:{record.source}\n".encode())
+    return root / f"loso-{digest.hexdigest()[:12]}"
 
 
 def loso_requests(records: Sequence[Labelled], vectors: np.ndarray, settings: FitSettings,
@@ -345,8 +407,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="measure today's heads and stop")
     parser.add_argument("--baseline-head", default=None,
                         help="a folder with the heads to measure as today's (default: shipped)")
+    tuning = parser.add_argument_group(
+        "fine-tuning", "--finetune-layers N > 0: each fold fine-tunes the encoder's top N layers "
+        "with the response head (offline/embedded_finetune.py) instead of fitting a linear head "
+        "on cached embeddings; the request head is the frozen one either way")
+    tuning.add_argument("--finetune-layers", type=int, default=0)
+    tuning.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    tuning.add_argument("--epochs", type=float, default=FineTuneSettings.epochs)
+    tuning.add_argument("--batch-size", type=int, default=FineTuneSettings.batch_size)
+    tuning.add_argument("--encoder-learning-rate", type=float,
+                        default=FineTuneSettings.encoder_learning_rate)
+    tuning.add_argument("--head-learning-rate", type=float,
+                        default=FineTuneSettings.head_learning_rate)
+    tuning.add_argument("--threshold-rule", choices=["out-of-source", "validation"],
+                        default="out-of-source",
+                        help="out-of-source: one extra fit per training source in every fold")
+    tuning.add_argument("--encoder", default=None,
+                        help="encoder folder (default: the packaged all-MiniLM-L6-v2)")
+    tuning.add_argument("--records", default=None,
+                        help="packed response rows (offline.embedded_finetune_pack) in place of "
+                        "--data-dir; requests and the baseline are then skipped")
+    tuning.add_argument("--checkpoint-dir", default=None,
+                        help="training checkpoints and finished folds; a rerun resumes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.finetune_layers:
+        return finetuned_loso(args)
     data = Path(args.data_dir)
     encoder = load_encoder()
     cache = EmbeddingCache(Path(args.cache_dir), encoder,
@@ -355,11 +441,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     requests = load_requests(data, args.seed)
     settings = FitSettings(l2=args.l2, steps=args.steps, source_balance=args.source_balance,
                            seed=args.seed)
-    recipe = HeadRecipe(blocks=tuple(b for b in args.blocks.split(",") if b), fit=settings)
-
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
+    recipe = HeadRecipe(blocks=tuple(b for b in args.blocks.split(",") if b), fit=settings,
+                        threshold_out_of_source=args.threshold_rule == "out-of-source")
     out: dict[str, Any] = {"recipe": {"blocks": list(recipe.blocks), "l2": args.l2,
                                       "steps": args.steps,
                                       "source_balance": args.source_balance,
@@ -390,6 +473,56 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(request_table(out["requests"], "held-out request source"))
         print()
     out["summary"] = summary(out["responses"], out.get("requests", {}))
+    print(json.dumps(out["summary"], indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def finetuned_loso(args: argparse.Namespace) -> dict[str, Any]:
+    """The response table with a fine-tuned encoder in every fold."""
+    import os
+
+    import torch
+
+    from guardrail.guards.embedded.encoder import load_encoder
+    from offline.embedded_data import read_records
+    from offline.embedded_features import response_windows
+    from offline.embedded_finetune import FineTuneRecipe
+
+    if args.device.startswith("cuda"):
+        # Deterministic cuBLAS (set before CUDA starts); kernels without a deterministic
+        # version warn rather than stop the run.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no GPU visible to torch")
+    responses = (read_records(Path(args.records)) if args.records
+                 else load_responses(Path(args.data_dir), args.seed))
+    settings = FineTuneSettings(
+        layers=args.finetune_layers, epochs=args.epochs, batch_size=args.batch_size,
+        encoder_learning_rate=args.encoder_learning_rate,
+        head_learning_rate=args.head_learning_rate, seed=args.seed, device=args.device)
+    encoder = Path(args.encoder) if args.encoder else None
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    recipe = FineTuneRecipe(settings=settings, encoder=encoder, threshold_rule=args.threshold_rule,
+                            checkpoint_dir=checkpoints)
+    windows = response_windows(responses, load_encoder(encoder).windows)
+    described = {"finetune": settings.fingerprint_fields(), "threshold_rule": args.threshold_rule,
+                 "responses": len(responses), "windows": len(windows.texts)}
+    say(f"{len(responses)} responses, {len(windows.texts)} windows; {described}")
+    store = fold_store(checkpoints, described, responses) if checkpoints is not None else None
+    started = time.perf_counter()
+    out: dict[str, Any] = {"recipe": described}
+    out["responses"] = loso_responses(windows, recipe, say, store)
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    print(response_table(out["responses"], "held-out source"))
+    print()
+    out["summary"] = summary(out["responses"], {})
     print(json.dumps(out["summary"], indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

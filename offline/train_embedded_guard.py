@@ -1,6 +1,9 @@
 """Train the embedded guard's heads and write a folder that ``guard.model`` can point at.
 
-Two linear heads on the frozen all-MiniLM-L6-v2 encoder (or ``--encoder DIR``):
+Two linear heads on the frozen all-MiniLM-L6-v2 encoder (or ``--encoder DIR``); with
+``--finetune-layers N`` the encoder's top N layers are fine-tuned with the response head
+(``offline/embedded_finetune.py``, ``--device cuda`` on a GPU) and shipped beside it as
+``encoder_layers.safetensors``, the request and category heads staying on the frozen encoder:
 
 - the response head (``head.json``): judges a step (or a whole response) over overlapping
   128-token windows with the user's request; the worst window decides. Trained on every
@@ -51,8 +54,9 @@ from offline.embedded_data import (
     load_requests,
     load_responses,
 )
-from offline.embedded_features import ResponseSet, embed_requests, embed_responses
+from offline.embedded_features import embed_requests, embed_responses
 from offline.embedded_model import FitSettings, held_out, report
+from offline.embedding_cache import Vectors
 
 DEFAULT_OUTPUT = "guardrail/guards/embedded/weights"
 
@@ -86,8 +90,22 @@ class TrainEmbeddedGuardConfig:
     max_everyday_fpr: float = 0.01
     max_lookalike_fpr: float = 0.10
     request_head: bool = True
+    threshold_rule: str = "out-of-source"
+    """out-of-source: the threshold is chosen on each training source scored by a head trained
+    without it (one extra fit per source); validation: on held-out groups of the sources."""
     loso: bool = False
     """Also run the leave-one-source-out evaluation and put its table in the datasheet."""
+    finetune_layers: int = 0
+    """Fine-tune the encoder's top N transformer layers with the response head (6: all of
+    MiniLM's; 0: the frozen encoder and a linear head). Writes encoder_layers.safetensors."""
+    device: str = "cpu"
+    """Where fine-tuning runs: cpu or cuda (bf16 autocast on cuda)."""
+    epochs: float = 3.0
+    batch_size: int = 32
+    encoder_learning_rate: float = 2e-5
+    head_learning_rate: float = 1e-3
+    checkpoint_dir: str = ".cache/finetune"
+    """Fine-tuning checkpoints (a rerun with the same data and settings resumes)."""
     threads: int = 2
     notes: str | None = None
     """A Markdown file appended to the generated DATASHEET.md (what it catches and misses)."""
@@ -173,9 +191,11 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
     )
     from guardrail.guards.embedded.guard import REQUEST_HEAD_FILE
     from guardrail.guards.embedded.head import LinearHead
+    from guardrail.guards.embedded.layers import LAYERS_FILE
     from offline.embedded_loso import (
         HeadRecipe,
         fit_request_head,
+        fold_store,
         loso_responses,
         response_table,
     )
@@ -192,40 +212,58 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
     settings = FitSettings(l2=config.l2, steps=config.steps, learning_rate=config.learning_rate,
                            source_balance=config.source_balance, seed=config.seed)
     blocks = tuple(block.strip() for block in config.blocks.split(",") if block.strip())
-    recipe = HeadRecipe(blocks=blocks, fit=settings, val_fraction=config.val_fraction,
-                        max_fpr={"refusal": config.max_refusal_fpr,
-                                 "benign-answer": config.max_benign_fpr})
-    data = embed_responses(responses, cache, window_tokens=config.window_tokens,
-                           window_stride=config.window_stride,
-                           request_tokens=config.request_tokens)
+    if config.finetune_layers and blocks != ("step",):
+        raise SystemExit("--finetune-layers trains a head on the step alone (--blocks step)")
+    recipe: Any = HeadRecipe(blocks=blocks, fit=settings, val_fraction=config.val_fraction,
+                             max_fpr={"refusal": config.max_refusal_fpr,
+                                      "benign-answer": config.max_benign_fpr},
+                             threshold_out_of_source=config.threshold_rule == "out-of-source")
+    name = DEFAULT_ENCODER_NAME if config.encoder is None else folder.name
+    output = Path(config.output_dir)
+    metadata = {"trained_with": command_line(config),
+                "sources": dict(sorted(Counter(r.source for r in responses).items()))}
     trainable = [i for i, r in enumerate(responses) if not r.eval_only]
-    _say("fitting the response head")
-    fitted = recipe.train(data.subset(trainable))
+    evaluation = [i for i, r in enumerate(responses) if r.eval_only]
+    rows: Any
+    if config.finetune_layers:
+        rows, recipe = _finetune_recipe(config, responses, encoder)
+        _say(f"fine-tuning the top {config.finetune_layers} encoder layers with the response "
+             f"head on {config.device}")
+    else:
+        rows = embed_responses(responses, cache, window_tokens=config.window_tokens,
+                               window_stride=config.window_stride,
+                               request_tokens=config.request_tokens)
+        _say("fitting the response head")
+    fitted: Any = recipe.train(rows.subset(trainable))
     figures: dict[str, Any] = {"threshold": round(fitted.threshold, 4)}
     if fitted.out_of_source is not None:  # each source scored by a head trained without it
         oos = fitted.out_of_source
-        figures["validation"] = _per_source(data.subset(trainable), lambda _: oos,
+        figures["validation"] = _per_source(rows.subset(trainable), lambda _: oos,
                                             fitted.threshold)
     else:
         val = [i for i in trainable if held_out(responses[i].group, config.seed,
                                                  config.val_fraction)]
-        figures["validation"] = _per_source(data.subset(val), fitted.scores, fitted.threshold)
-    evaluation = [i for i, r in enumerate(responses) if r.eval_only]
+        figures["validation"] = _per_source(rows.subset(val), fitted.scores, fitted.threshold)
     if evaluation:
-        figures["evaluation_only"] = _per_source(data.subset(evaluation), fitted.scores,
+        figures["evaluation_only"] = _per_source(rows.subset(evaluation), fitted.scores,
                                                  fitted.threshold)
     if config.loso:
-        figures["loso"] = loso_responses(data, recipe, _say)
-    name = DEFAULT_ENCODER_NAME if config.encoder is None else folder.name
-    output = Path(config.output_dir)
-    written = [LinearHead(
-        blocks=blocks, dim=encoder.dim, weights=fitted.weights, bias=fitted.bias,
-        threshold=round(fitted.threshold, 4), encoder=name,
-        request_max_tokens=config.request_tokens, step_max_tokens=max(256, config.window_tokens),
-        window_tokens=config.window_tokens, window_stride=config.window_stride,
-        metadata={"trained_with": command_line(config), "figures": figures,
-                  "sources": dict(sorted(Counter(r.source for r in responses).items()))},
-    ).save(output)]
+        store = (fold_store(Path(config.checkpoint_dir), asdict(recipe.settings) | {
+            "rule": config.threshold_rule}, responses) if config.finetune_layers else None)
+        figures["loso"] = loso_responses(rows, recipe, _say, store)
+    if config.finetune_layers:
+        written = fitted.tuner.save(output, fitted.threshold, config.window_stride, name,
+                                    metadata | {"figures": figures})
+    else:
+        written = [LinearHead(
+            blocks=blocks, dim=encoder.dim, weights=fitted.weights, bias=fitted.bias,
+            threshold=round(fitted.threshold, 4), encoder=name,
+            request_max_tokens=config.request_tokens,
+            step_max_tokens=max(256, config.window_tokens),
+            window_tokens=config.window_tokens, window_stride=config.window_stride,
+            metadata=metadata | {"figures": figures},
+        ).save(output)]
+        (output / LAYERS_FILE).unlink(missing_ok=True)  # a fine-tuned run's, no longer used
     if config.request_head and requests and any(r.label for r in requests) \
             and not all(r.label for r in requests):
         _say("fitting the request head")
@@ -252,7 +290,9 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
             metadata={"trained_with": command_line(config),
                       "sources": dict(sorted(Counter(r.source for r in requests).items()))},
         ).save(output, REQUEST_HEAD_FILE))
-    coded = fit_category_head(config, responses, requests, data, cache, settings)
+    prompts = cache.encode([r.prompt for r in responses], config.request_tokens, "left",
+                           desc="prompts")
+    coded = fit_category_head(config, responses, requests, prompts, cache, settings)
     if coded is not None:
         head_file, figures["categories"] = coded[0].save(output), coded[1]
         written.append(head_file)
@@ -269,8 +309,40 @@ def main(config: TrainEmbeddedGuardConfig) -> dict[str, Any]:
     return figures
 
 
+def _finetune_recipe(config: TrainEmbeddedGuardConfig, responses: Sequence[Labelled],
+                     encoder: Any) -> tuple[Any, Any]:
+    """(the responses' windows, the fine-tuning recipe) for ``--finetune-layers``."""
+    import os
+
+    import torch
+
+    from offline.embedded_features import response_windows
+    from offline.embedded_finetune import FineTuneRecipe, FineTuneSettings
+
+    if config.threshold_rule not in ("out-of-source", "validation"):
+        raise SystemExit(f"--threshold-rule {config.threshold_rule}: out-of-source or validation")
+    if config.device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no GPU visible to torch")
+    settings = FineTuneSettings(
+        layers=config.finetune_layers, epochs=config.epochs, batch_size=config.batch_size,
+        encoder_learning_rate=config.encoder_learning_rate,
+        head_learning_rate=config.head_learning_rate, window_tokens=config.window_tokens,
+        seed=config.seed, device=config.device)
+    recipe = FineTuneRecipe(
+        settings=settings, encoder=Path(config.encoder) if config.encoder else None,
+        max_fpr={"refusal": config.max_refusal_fpr, "benign-answer": config.max_benign_fpr},
+        threshold_rule="validation" if config.threshold_rule == "validation" else "out-of-source",
+        val_fraction=config.val_fraction, checkpoint_dir=Path(config.checkpoint_dir))
+    rows = response_windows(responses, encoder.windows, window_tokens=config.window_tokens,
+                            window_stride=config.window_stride)
+    return rows, recipe
+
+
 def fit_category_head(config: TrainEmbeddedGuardConfig, responses: Sequence[Labelled],
-                      requests: Sequence[Labelled], data: ResponseSet, cache: Any,
+                      requests: Sequence[Labelled], prompts: Vectors, cache: Any,
                       settings: FitSettings) -> tuple[Any, dict[str, Any]] | None:
     """The hazard-code head, on the request embeddings of every harmful row that carries codes
     (fitted on the training groups, measured on the validation ones); None without such rows."""
@@ -282,7 +354,7 @@ def fit_category_head(config: TrainEmbeddedGuardConfig, responses: Sequence[Labe
     for index, record in enumerate(responses):
         if record.categories and not record.eval_only and record.prompt not in seen:
             seen.add(record.prompt)
-            rows.append((record, data.prompts[index]))
+            rows.append((record, prompts[index]))
     coded_requests = [r for r in requests if r.categories and not r.eval_only
                       and r.prompt not in seen]
     if coded_requests:
@@ -307,7 +379,7 @@ def fit_category_head(config: TrainEmbeddedGuardConfig, responses: Sequence[Labe
     return head, figures
 
 
-def _per_source(data: ResponseSet, scores: Any, threshold: float) -> dict[str, Any]:
+def _per_source(data: Any, scores: Any, threshold: float) -> dict[str, Any]:
     values = scores(data)
     out: dict[str, Any] = {}
     for source in sorted({r.source for r in data.records}):
@@ -336,15 +408,22 @@ def datasheet(config: TrainEmbeddedGuardConfig, responses: Sequence[Labelled],
               requests: Sequence[Labelled], figures: dict[str, Any],
               table: Any) -> str:
     counts = Counter((r.source, r.label) for r in [*responses, *requests])
+    tuned = "frozen" if not config.finetune_layers else (
+        f"its top {config.finetune_layers} layers fine-tuned with the response head "
+        f"({config.epochs:g} epochs of source- and class-balanced batches of "
+        f"{config.batch_size}; encoder_layers.safetensors), the request and category heads on "
+        "the frozen encoder")
+    rule = ("out-of-source scores (each training source scored by a head trained without it"
+            if config.threshold_rule == "out-of-source"
+            else "held-out groups of the training sources (a validation part")
     lines = [
         "# Embedded guard heads: datasheet (generated by offline/train_embedded_guard.py)",
         "",
         f"Trained with `{command_line(config)}` in {figures['seconds']:.0f} s. Encoder: "
-        f"{config.encoder or 'all-MiniLM-L6-v2 (packaged)'}, frozen. Response head: linear on "
+        f"{config.encoder or 'all-MiniLM-L6-v2 (packaged)'}, {tuned}. Response head: linear on "
         f"`{config.blocks}` per {config.window_tokens}-token window (stride "
         f"{config.window_stride}), the worst window decides; threshold "
-        f"**{figures['threshold']}**, chosen on out-of-source scores (each training source "
-        f"scored by a head trained without it; the best F1 with at most "
+        f"**{figures['threshold']}**, chosen on {rule}; the best F1 with at most "
         f"{100 * config.max_refusal_fpr:g} % of refusals and {100 * config.max_benign_fpr:g} % "
         f"of benign answers flagged).",
         "",
@@ -361,8 +440,11 @@ def datasheet(config: TrainEmbeddedGuardConfig, responses: Sequence[Labelled],
         use = "test only" if spec and spec.eval_only else "train / validation"
         lines.append(f"| {source} | {licence} | {kind} | {counts[(source, 1)]} | "
                      f"{counts[(source, 0)]} | {use} | {meaning} |")
-    lines += ["", "## Out of source (each source scored by a head trained without it; the "
-              "threshold was chosen on these scores, so they flatter it a little)", "",
+    title = ("## Out of source (each source scored by a head trained without it; the "
+             "threshold was chosen on these scores, so they flatter it a little)"
+             if config.threshold_rule == "out-of-source" else
+             "## Validation part (held-out groups; the threshold was chosen on them)")
+    lines += ["", title, "",
               table(figures["validation"], "source"), ""]
     if "evaluation_only" in figures:
         lines += ["## Evaluation-only sets (never trained on)", "",

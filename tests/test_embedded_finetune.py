@@ -22,7 +22,7 @@ from guardrail.guards.embedded.encoder import load_encoder
 from guardrail.guards.embedded.guard import SHIPPED_HEAD, EmbeddedGuard
 from guardrail.guards.embedded.head import LinearHead, load_head
 from guardrail.guards.embedded.layers import LAYERS_FILE, read_layers, write_layers
-from offline.embedded_data import Labelled
+from offline.embedded_data import Labelled, write_records
 from offline.embedded_features import WindowSet, response_windows
 from offline.embedded_finetune import (
     FineTuneSettings,
@@ -31,6 +31,9 @@ from offline.embedded_finetune import (
     balanced_batch,
     fine_tune,
 )
+from offline.embedded_loso import main as loso_main
+from offline.train_embedded_guard import main as train_main
+from offline.train_embedded_guard import parse_args
 from tests.test_embedded_training import HARMFUL, HARMLESS
 
 SETTINGS = FineTuneSettings(layers=1, epochs=1.0, batch_size=8, head_learning_rate=1e-2,
@@ -167,3 +170,43 @@ def test_broken_layers_are_config_errors(tmp_path: Path) -> None:
     (tmp_path / LAYERS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="cannot read"):
         EmbeddedGuard(GuardConfig(model=str(tmp_path))).warm_up()
+
+
+def test_loso_runs_fine_tuned_folds_and_resumes(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The command a GPU session runs, on packed rows: a fold per source, the table, and a rerun
+    that takes the finished folds from the checkpoint folder instead of training again."""
+    write_records(records(), tmp_path / "rows.jsonl.gz")
+    argv = ["--records", str(tmp_path / "rows.jsonl.gz"), "--finetune-layers", "1",
+            "--epochs", "1", "--batch-size", "8", "--threshold-rule", "validation",
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "loso.json")]
+    first = loso_main(argv)
+    assert set(first["responses"]) == {"team-a", "team-b", "team-c", "_threshold_all_sources"}
+    assert first["responses"]["team-b"]["n"] == 8 and "f1" in first["responses"]["team-b"]
+    assert "| team-b | 8 (4) |" in capsys.readouterr().out
+    assert len(list((tmp_path / "ckpt").glob("loso-*/fold-*.json"))) == 4
+    for checkpoint in (tmp_path / "ckpt").glob("finetune-*.pt"):
+        checkpoint.unlink()  # a rerun that trained again would have to write these
+    again = loso_main(argv)
+    assert again["responses"] == first["responses"]
+    assert not list((tmp_path / "ckpt").glob("finetune-*.pt"))
+
+
+async def test_the_training_command_writes_a_fine_tuned_folder(tmp_path: Path) -> None:
+    from tests.test_embedded_training import write_rows
+
+    write_rows(tmp_path / "team.jsonl")
+    figures = train_main(parse_args([
+        "--no-shared-data", "--extra", str(tmp_path / "team.jsonl"), "--finetune-layers", "1",
+        "--epochs", "2", "--batch-size", "4", "--threshold-rule", "validation",
+        "--output-dir", str(tmp_path / "guard"), "--cache-dir", str(tmp_path / "cache"),
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--threads", "1"]))
+    folder = tmp_path / "guard"
+    assert (folder / LAYERS_FILE).is_file() and (folder / "request_head.json").is_file()
+    head = load_head(folder)
+    assert head.encoder_layers == LAYERS_FILE and head.threshold == figures["threshold"]
+    assert "top 1 layers fine-tuned" in (folder / "DATASHEET.md").read_text()
+    guard = EmbeddedGuard(GuardConfig(model=str(folder)))
+    verdict = await guard.check(GuardView(HARMFUL[0][0], (), HARMFUL[0][1]))
+    assert 0.0 <= verdict.score <= 1.0 and verdict.extra["threshold"] == f"{head.threshold:.4f}"
+    await guard.aclose()
