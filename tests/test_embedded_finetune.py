@@ -208,5 +208,6 @@ async def test_the_training_command_writes_a_fine_tuned_folder(tmp_path: Path) -
     assert "top 1 layers fine-tuned" in (folder / "DATASHEET.md").read_text()
     guard = EmbeddedGuard(GuardConfig(model=str(folder)))
     verdict = await guard.check(GuardView(HARMFUL[0][0], (), HARMFUL[0][1]))
-    assert 0.0 <= verdict.score <= 1.0 and verdict.extra["threshold"] == f"{head.threshold:.4f}"
+    assert verdict.score is not None and 0.0 <= verdict.score <= 1.0
+    assert verdict.extra["threshold"] == f"{head.threshold:.4f}"
     await guard.aclose()
