@@ -522,7 +522,8 @@ def finetuned_loso(args: argparse.Namespace) -> dict[str, Any]:
     out["seconds"] = round(time.perf_counter() - started, 1)
     print(response_table(out["responses"], "held-out source"))
     print()
-    out["summary"] = summary(out["responses"], {})
+    out["summary"] = {key: value for key, value in summary(out["responses"], {}).items()
+                      if "requests" not in key}  # the request head is the frozen one
     print(json.dumps(out["summary"], indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
