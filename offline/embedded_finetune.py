@@ -140,13 +140,15 @@ class TunedEncoder:
         return {name: parameter for name, parameter in self.encoder.model.named_parameters()
                 if parameter.requires_grad}
 
-    def window_logits(self, texts: Sequence[str]) -> Any:
+    def window_logits(self, texts: Sequence[str], autocast: bool = True) -> Any:
+        """Training runs the encoder in bf16 on a GPU (``autocast``); scoring in float32, as
+        the guard does on its CPU."""
         import torch
 
         batch = self.encoder.tokenize(texts, max_length=self.settings.window_tokens)
         batch = {key: value.to(self.device) for key, value in batch.items()}
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                            enabled=self.device.type == "cuda"):
+                            enabled=autocast and self.device.type == "cuda"):
             embedded = self.encoder.embed(batch)
         return self.head(embedded.float() * self.scale).squeeze(-1)
 
@@ -159,7 +161,7 @@ class TunedEncoder:
         with torch.inference_mode():
             for start in range(0, len(order), size):
                 chunk = order[start : start + size]
-                logits = self.window_logits([texts[i] for i in chunk])
+                logits = self.window_logits([texts[i] for i in chunk], autocast=False)
                 out[chunk] = torch.sigmoid(logits.float()).cpu().numpy()
         return out
 
