@@ -95,15 +95,20 @@ def test_full_dpo_changes_every_parameter_and_writes_the_run(r1_dir: Path,
                                         "model": str(r1_dir), "out": str(out), "dpo": FAST})
     summary = train_dpo(config)
 
-    assert summary["steps"] == 2 and [e["step"] for e in summary["losses"]] == [1, 2]
-    assert summary["rows_used"] == 4 and summary["rows_skipped"] == 2
-    assert summary["rows_truncated_away"] == 0
-    files = summary["files"]
-    assert [(f["valid"], f["used"], f["ratio"]) for f in files] == [(2, 2, 1.0), (4, 2, 0.5)]
-    assert [s["line"] for s in files[0]["skipped"]] == [2, 3]
-    assert json.loads((out / "dpo_summary.json").read_text()) == summary
-    assert "ratio: 0.5" in (out / "dpo_config.yaml").read_text()
+    assert summary["global_step"] == 2 and [e["step"] for e in summary["losses"]] == [1, 2]
+    assert summary["rows"] == 4 and summary["records_skipped"] == 2
+    assert summary["records_dropped"] == 0 and summary["saved"] == "model"
+    assert summary["world_size"] == 1 and summary["tokens_seen"] > 0
+    # The same output folder as SFT's: data card, summary, resolved config, loss curve.
+    card = json.loads((out / "data_card.json").read_text())
+    files = card["files"]
+    assert [(f["rows"], f["kept"], f["used"], f["ratio"], f["form"]) for f in files] == [
+        (4, 2, 2, 1.0, "ipo-pairs"), (4, 4, 2, 0.5, "ipo-pairs")]
+    assert sum(files[0]["skipped"].values()) == 2 and card["rows"] == 4
+    assert json.loads((out / "training_summary.json").read_text()) == summary
+    assert "ratio: 0.5" in (out / "config.yaml").read_text()
     assert (out / "tokenizer_config.json").is_file()
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
 
     before = AutoModelForCausalLM.from_pretrained(r1_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()
@@ -163,7 +168,7 @@ def test_bad_input_is_one_line_before_weights_load(r1_dir: Path, tmp_path: Path,
 
     bad = write_jsonl(tmp_path / "bad.jsonl", ["nope", {"prompt": "x"}])
     _one_line_error(capsys, ["--data", str(bad), *base[2:]],
-                    "no valid pair (2 skipped; first: ")
+                    "no pair to train on (2 skipped, 0 dropped; first: ")
 
     bare = tmp_path / "bare"
     tokenizer = build_tokenizer(R1, bare)
@@ -176,27 +181,41 @@ def test_bad_input_is_one_line_before_weights_load(r1_dir: Path, tmp_path: Path,
 
     taken = tmp_path / "taken"
     taken.mkdir()
-    (taken / "dpo_summary.json").write_text("{}", "utf-8")
+    (taken / "training_summary.json").write_text("{}", "utf-8")
     _one_line_error(capsys, ["--data", str(good), "--model", str(r1_dir), "--out", str(taken)],
-                    "pass --overwrite")
-    assert (taken / "dpo_summary.json").read_text() == "{}"
+                    "holds another run (training_summary.json); pass --overwrite")
+    assert (taken / "training_summary.json").read_text() == "{}"
     _one_line_error(capsys, ["--data", str(good), "--model", str(r1_dir), "--out",
                              str(tmp_path), "--overwrite"], "holds the input")
     assert good.is_file()
 
 
-def test_max_length_that_leaves_no_suffix_is_one_line(r1_dir: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    good = write_jsonl(tmp_path / "pairs.jsonl", [pair(1)])
-    # Found once TRL has tokenized (weights loaded, progress bars above): the last line.
-    assert main(["--data", str(good), "--model", str(r1_dir), "--out", str(tmp_path / "o"),
-                 "--max-length", "8"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.splitlines()[-1] == ("guardrail train dpo: error: max_length 8 cuts every pair's "
-                                    "suffix away (the prompts alone reach it); raise max_length")
-    out = tmp_path / "o"  # TRL creates the folder; nothing is written in it
-    assert not out.exists() or not any(out.iterdir())
+def test_over_long_pairs_are_dropped_and_counted_never_cut(
+        r1_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = build_tokenizer(R1, tmp_path / "tok")
+    long = pair(2, "A locksmith is the safe route. " * 30)
+    good = write_jsonl(tmp_path / "pairs.jsonl", [pair(1), long])
+    short = pair(1)
+    limit = max(len(tokenizer(text=short["prompt"] + short[side])["input_ids"]) + 1
+                for side in ("chosen", "rejected"))
+    config = DPORunConfig.from_mapping({"data": [str(good)], "model": str(r1_dir),
+                                        "out": str(tmp_path / "run"), "max_length": limit,
+                                        "dpo": FAST | {"max_steps": 1}})
+    summary = train_dpo(config)
+    assert (summary["rows"], summary["records_dropped"]) == (1, 1)
+    card = json.loads((tmp_path / "run" / "data_card.json").read_text())
+    assert card["files"][0]["dropped"] == {f"longer than max_length ({limit} tokens)": 1}
+
+    def no_weights(*_: Any, **__: Any) -> Any:
+        raise AssertionError("weights loaded before the input was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    capsys.readouterr()  # the run above's progress bars
+    _one_line_error(capsys, ["--data", str(good), "--model", str(r1_dir), "--out",
+                             str(tmp_path / "o"), "--max-length", "8"],
+                    "no pair to train on (0 skipped, 2 dropped; first: ")
+    assert not (tmp_path / "o").exists()
 
 
 def test_command_line_wins_over_the_yaml(r1_dir: Path, tmp_path: Path,
@@ -211,6 +230,6 @@ def test_command_line_wins_over_the_yaml(r1_dir: Path, tmp_path: Path,
     assert main(["--config", str(config), "--dpo", "max_steps=1", "--beta", "0.25",
                  "--overwrite"]) == 0
     assert "trained 1 steps on 2 pairs" in capsys.readouterr().out
-    resolved = (out / "dpo_config.yaml").read_text()
+    resolved = (out / "config.yaml").read_text()
     assert "beta: 0.25" in resolved and "max_steps: 1" in resolved
     assert not (out / "stale.txt").exists()

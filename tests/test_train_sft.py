@@ -113,7 +113,7 @@ def test_mixture_ratios_and_prompt_completion_rows(model_dir: Path, data: Path,
     assert all(row in rows for row in first.rows if row["prompt"].startswith("p"))
     again = build(sources, tokenizer, max_length=512, seed=1)
     assert again.rows == first.rows  # seeded
-    with pytest.raises(DataError, match="ratio must be a number >= 0"):
+    with pytest.raises(DataError, match="ratio must be a finite number >= 0"):
         scan([f"{data}:-1"])
 
 

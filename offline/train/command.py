@@ -1,4 +1,4 @@
-"""``guardrail train``: fine-tune a reasoning model on harvested data (``sft``; ``dpo`` to come).
+"""``guardrail train``: fine-tune a reasoning model on harvested data (``sft``, ``dpo``).
 
 ``guardrail train sft --data FILE_OR_DIR[:RATIO]... --model PATH_OR_ID --out DIR [--lora]
 [--merge] [--config FILE]``: settings come from the dataclass defaults, then the YAML file, then
@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
+from offline.train import run_folder
 from offline.train.dpo import add_dpo_parser
-from offline.train.mixture import DataError
-from offline.train.sft import RunError, run_sft
-from offline.train.sft_config import ConfigError, SFTScriptConfig, read_yaml, resolve
+from offline.train.errors import TrainInputError
+from offline.train.sft import run_sft
+from offline.train.sft_config import SFTScriptConfig, read_yaml, resolve
 
 PROG = "guardrail train sft"
 
@@ -57,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from(args)
         result = run_sft(config)
-    except (ConfigError, DataError, RunError) as error:
+    except TrainInputError as error:
         return _fail(str(error))
+    if not run_folder.is_main():  # under accelerate launch, one report, not one per process
+        return 0
     summary = result.summary
     print(f"{PROG}: {summary['global_step']} steps on {summary['rows']:,} rows "
           f"({summary['records_dropped']} dropped as too long, {summary['records_skipped']} "
@@ -71,7 +74,8 @@ def add_sft_parser(commands: Any) -> None:
                                  description=__doc__.split("\n\n")[1] if __doc__ else None)
     parser.add_argument("--config", help="YAML file of settings (the command line wins)")
     parser.add_argument("--data", nargs="+", default=None, metavar="FILE_OR_DIR[:RATIO]",
-                        help="JSONL files or folders, each with an optional mixing ratio")
+                        help="JSONL files or folders, each with an optional mixing ratio "
+                             "(default 1; 0.5 keeps a seeded half, 2 repeats them)")
     parser.add_argument("--model", help="model folder or hub id")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,

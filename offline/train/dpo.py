@@ -3,8 +3,11 @@
 Each pair is loaded through :func:`offline.train.render.dpo_row`, so the shared reasoning
 prefix stays inside ``prompt`` and the loss falls on the diverging suffixes only (IPO's
 second stage; tests/test_train_dpo.py shows it token by token). Several files can be mixed,
-each with a ratio (``pairs.jsonl:1.0 benign_pairs.jsonl:0.3``): the fraction of that file's
-valid pairs used, drawn with the run's seed (above 1, pairs repeat).
+each with a ratio (``pairs.jsonl:1.0 benign_pairs.jsonl:0.3``), parsed as SFT's are
+(offline/train/data_spec.py) and drawn with the run's seed by the same rule
+(:func:`offline.train.mixture.scaled`). A pair longer than ``max_length`` tokens is dropped and
+counted, never cut. The output folder is SFT's (offline/train/run_folder.py): model or adapter,
+tokenizer, ``config.yaml``, ``data_card.json``, ``training_summary.json``, ``loss_curve.png``.
 
 Everything that can be wrong with the input (unknown config key, no valid pair, a model folder
 without a chat template, an output folder holding another run) is one line, raised as
@@ -15,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
-import shutil
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,10 +30,11 @@ from typing import Any
 import yaml
 
 from offline.harvest.records import BadRow, RecordError, read_jsonl
-from offline.train.mixture import scaled
-
-SUMMARY_FILE = "dpo_summary.json"
-CONFIG_FILE = "dpo_config.yaml"
+from offline.train import run_folder
+from offline.train.data_spec import DataSpec, expand, parse_specs
+from offline.train.errors import TrainInputError
+from offline.train.mixture import FileCard, scaled
+from offline.train.run_folder import CHECKPOINTS
 
 # DPOConfig fields the run sets from its own top-level keys; in ``dpo:`` they would conflict.
 _OWNED = {"output_dir": "out", "seed": "seed", "max_length": "max_length", "beta": "beta"}
@@ -43,53 +45,17 @@ _DPO_DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",
+    "include_num_input_tokens_seen": "non_padding",  # the summary's tokens_seen, as SFT's
 }
 
 
-class DPOSetupError(ValueError):
+class DPOSetupError(TrainInputError):
     """Input the run cannot use; the message is one line that says what and where."""
-
-
-@dataclass(frozen=True, slots=True)
-class DataFile:
-    path: Path
-    ratio: float = 1.0
-
-    @classmethod
-    def parse(cls, spec: Any) -> DataFile:
-        """``path`` or ``path:ratio`` (a string), or ``{path: ..., ratio: ...}`` (YAML)."""
-        if isinstance(spec, dict):
-            unknown = set(spec) - {"path", "ratio"}
-            if unknown:
-                raise DPOSetupError(f"data: unknown key {sorted(unknown)[0]!r} "
-                                    "(a data entry has 'path' and 'ratio')")
-            if not isinstance(spec.get("path"), str):
-                raise DPOSetupError("data: an entry needs 'path'")
-            return cls(Path(spec["path"]), _ratio(spec.get("ratio", 1.0), spec["path"]))
-        if not isinstance(spec, str) or not spec:
-            raise DPOSetupError(f"data: {spec!r} is not a file name")
-        head, sep, tail = spec.rpartition(":")
-        if sep and head:
-            try:
-                return cls(Path(head), _ratio(float(tail), head))
-            except ValueError as error:
-                if isinstance(error, DPOSetupError):
-                    raise
-        return cls(Path(spec))
-
-    def spec(self) -> str:
-        return f"{self.path}:{self.ratio:g}"
-
-
-def _ratio(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise DPOSetupError(f"data: ratio of {path} must be a number above 0, not {value!r}")
-    return float(value)
 
 
 @dataclass(slots=True)
 class DPORunConfig:
-    data: list[DataFile]
+    data: list[DataSpec]
     model: str
     out: Path
     lora: bool = False
@@ -114,9 +80,7 @@ class DPORunConfig:
         for key in ("data", "model", "out"):
             if values.get(key) in (None, "", []):
                 raise DPOSetupError(f"{key!r} is required")
-        data = values["data"]
-        if not isinstance(data, list):
-            data = [data]
+        data = parse_specs(values["data"])
         dpo = values.get("dpo") or {}
         if not isinstance(dpo, dict):
             raise DPOSetupError("'dpo' must be a mapping of TRL DPOConfig fields")
@@ -128,7 +92,7 @@ class DPORunConfig:
         if isinstance(modules, str):
             modules = [modules]
         try:
-            return cls(data=[DataFile.parse(spec) for spec in data], model=str(values["model"]),
+            return cls(data=data, model=str(values["model"]),
                        out=Path(values["out"]), lora=values.get("lora", False),
                        lora_r=int(values.get("lora_r", 16)),
                        lora_alpha=int(values.get("lora_alpha", 32)),
@@ -143,7 +107,7 @@ class DPORunConfig:
             raise DPOSetupError(f"bad config value: {error}") from None
 
     def to_mapping(self) -> dict[str, Any]:
-        return {"data": [{"path": str(d.path), "ratio": d.ratio} for d in self.data],
+        return {"data": [spec.to_mapping() for spec in self.data],
                 "model": self.model, "out": str(self.out), "lora": self.lora,
                 "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
                 "target_modules": self.target_modules, "seed": self.seed,
@@ -162,11 +126,11 @@ def _check_dpo_keys(dpo: dict[str, Any]) -> None:
 
 
 @dataclass(slots=True)
-class FileRows:
-    spec: DataFile
+class PairFile:
+    """One file's pairs in TRL's form, and its card: rows read, kept, used, skipped, dropped."""
+
+    card: FileCard
     rows: list[dict[str, str]] = field(default_factory=list)
-    skipped: list[BadRow] = field(default_factory=list)
-    used: int = 0
 
 
 @dataclass(slots=True)
@@ -174,55 +138,58 @@ class Prepared:
     """Everything checked and loaded, ready to train: the trainer and what the summary needs."""
 
     trainer: Any
-    files: list[FileRows]
+    files: list[PairFile]
     rows: list[dict[str, str]]
+    clear: bool
+    """Whether ``out`` holds an old run that ``--overwrite`` replaces."""
+
+    @property
+    def truncated_away(self) -> int:
+        """Pairs TRL removed itself (none expected: longer pairs are dropped before)."""
+        return len(self.rows) - len(self.trainer.train_dataset)
 
 
-def _load_pairs(spec: DataFile, tokenizer: Any) -> FileRows:
+def _length(tokenizer: Any, prompt: str, completion: str) -> int:
+    """Tokens of prompt + completion as TRL tokenizes them, with the EOS it appends."""
+    return len(tokenizer(text=prompt + completion)["input_ids"]) + 1
+
+
+def _load_pairs(spec: DataSpec, tokenizer: Any, max_length: int) -> PairFile:
     from offline.train.render import dpo_row
 
-    if not spec.path.is_file():
-        raise DPOSetupError(f"data: {spec.path} is not a file")
-    out = FileRows(spec)
+    out = PairFile(FileCard(str(spec.path), spec.ratio, "ipo-pairs"))
+    card = out.card
     for row in read_jsonl(spec.path):
+        card.rows += 1
         if isinstance(row, BadRow):
-            out.skipped.append(row)
+            card.skipped[row.problem] += 1
             continue
-        line, value = row
         try:
-            rendered = dpo_row(value, tokenizer)
+            rendered = dpo_row(row[1], tokenizer)
         except RecordError as error:
-            out.skipped.append(BadRow(line=line, problem=str(error)))
+            card.skipped[str(error)] += 1
+            continue
+        longest = max(_length(tokenizer, rendered["prompt"], rendered[side])
+                      for side in ("chosen", "rejected"))
+        if longest > max_length:  # TRL would cut the suffix: drop and count, as SFT does
+            card.dropped[f"longer than max_length ({max_length} tokens)"] += 1
             continue
         # Only TRL's three columns: provenance columns may be null in some rows.
         out.rows.append({k: rendered[k] for k in ("prompt", "chosen", "rejected")})
+    card.kept = len(out.rows)
     return out
 
 
-def _mix(files: list[FileRows], seed: int) -> list[dict[str, str]]:
-    """Each file's valid pairs at its ratio (seeded draw; whole copies above 1), shuffled."""
+def _mix(files: list[PairFile], seed: int) -> list[dict[str, str]]:
+    """Each file's kept pairs at its ratio (seeded draw; whole copies above 1), shuffled."""
     rng = random.Random(seed)
     mixed: list[dict[str, str]] = []
     for f in files:
-        take = scaled(list(f.rows), f.spec.ratio, rng)
-        f.used = len(take)
+        take = scaled(list(f.rows), f.card.ratio, rng)
+        f.card.used = len(take)
         mixed += take
     rng.shuffle(mixed)
     return mixed
-
-
-def _check_out(config: DPORunConfig) -> None:
-    out = config.out
-    if out.exists() and not out.is_dir():
-        raise DPOSetupError(f"out: {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise DPOSetupError(f"out: {out} already holds files (another run?); "
-                            "pass --overwrite to replace them")
-    # --overwrite deletes the folder: never one that holds the model or the data.
-    inputs = [Path(config.model), *(d.path for d in config.data)]
-    for held in inputs:
-        if held.exists() and held.resolve().is_relative_to(out.resolve()):
-            raise DPOSetupError(f"out: {out} holds the input {held}; choose another folder")
 
 
 @contextmanager
@@ -236,10 +203,22 @@ def _checkpointing_alias() -> Iterator[None]:
         yield
 
 
+def _no_pairs(files: list[PairFile]) -> DPOSetupError:
+    skipped = sum(sum(f.card.skipped.values()) for f in files)
+    dropped = sum(sum(f.card.dropped.values()) for f in files)
+    first = next((f"{f.card.path}: {problem}" for f in files
+                  for problem in [*f.card.dropped, *f.card.skipped]), "the files are empty")
+    return DPOSetupError(f"data: no pair to train on ({skipped} skipped, {dropped} dropped; "
+                         f"first: {first})")
+
+
 def prepare(config: DPORunConfig) -> Prepared:
     """Check the input, load the tokenizer and pairs, then the model, and build the trainer."""
     _check_dpo_keys(config.dpo)
-    _check_out(config)
+    files_in = [item for spec in config.data for item in expand(spec)]
+    clear = run_folder.check_out(config.out, overwrite=config.overwrite, resume=False,
+                                 inputs=[Path(config.model), *(d.path for d in files_in)],
+                                 resumable=False)
     from transformers import AutoTokenizer
 
     try:
@@ -253,12 +232,12 @@ def prepare(config: DPORunConfig) -> Prepared:
                             "must be rendered the way the model sees them")
     if tokenizer.pad_token is None:  # DPOTrainer pads chosen and rejected to one length
         tokenizer.pad_token = tokenizer.eos_token
-    files = [_load_pairs(spec, tokenizer) for spec in config.data]
+    try:
+        files = [_load_pairs(spec, tokenizer, config.max_length) for spec in files_in]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DPOSetupError(f"data: cannot read it ({error})") from None
     if not any(f.rows for f in files):
-        skipped = sum(len(f.skipped) for f in files)
-        first = next((f"{f.spec.path}:{b.line}: {b.problem}" for f in files for b in f.skipped),
-                     "the files are empty")
-        raise DPOSetupError(f"data: no valid pair ({skipped} skipped; first: {first})")
+        raise _no_pairs(files)
     rows = _mix(files, config.seed)
     if not rows:
         raise DPOSetupError("data: the ratios select no pair")
@@ -271,8 +250,9 @@ def prepare(config: DPORunConfig) -> Prepared:
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
     try:
         args = DPOConfig(**(_DPO_DEFAULTS | precision | config.dpo | {
-            "output_dir": str(config.out), "seed": config.seed,
+            "output_dir": str(config.out / CHECKPOINTS), "seed": config.seed,
             "max_length": config.max_length, "beta": config.beta}))
+        args.world_size  # noqa: B018  (sets up the processes: the barriers need them)
     except (TypeError, ValueError) as error:
         raise DPOSetupError(f"dpo: {str(error).strip().splitlines()[0]}") from None
 
@@ -293,11 +273,11 @@ def prepare(config: DPORunConfig) -> Prepared:
     with _checkpointing_alias():
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft_config)
-    prepared: Any = trainer.train_dataset  # a Dataset here (built from a list above)
-    if len(prepared) == 0:
+    prepared_rows: Any = trainer.train_dataset  # a Dataset here (built from a list above)
+    if len(prepared_rows) == 0:
         raise DPOSetupError(f"max_length {config.max_length} cuts every pair's suffix away "
                             "(the prompts alone reach it); raise max_length")
-    return Prepared(trainer=trainer, files=files, rows=rows)
+    return Prepared(trainer=trainer, files=files, rows=rows, clear=clear)
 
 
 def run_training(trainer: Any) -> Any:
@@ -306,36 +286,34 @@ def run_training(trainer: Any) -> Any:
         return trainer.train()
 
 
+def card(config: DPORunConfig, prepared: Prepared) -> dict[str, Any]:
+    cards = [f.card for f in prepared.files]
+    return {"model": config.model, "max_length": config.max_length, "seed": config.seed,
+            "rows": len(prepared.rows),
+            "skipped": sum(sum(c.skipped.values()) for c in cards),
+            "dropped": sum(sum(c.dropped.values()) for c in cards) + prepared.truncated_away,
+            "files": [c.to_dict() for c in cards]}
+
+
 def train_dpo(config: DPORunConfig) -> dict[str, Any]:
-    """Train, save the model (or adapter), tokenizer, resolved config and summary; return it."""
+    """Train, save the model (or adapter), tokenizer, resolved config, data card and summary."""
     prepared = prepare(config)
-    if config.overwrite and config.out.is_dir():
-        shutil.rmtree(config.out)
-    config.out.mkdir(parents=True, exist_ok=True)
     trainer = prepared.trainer
+    run_folder.open_out(config.out, clear=prepared.clear, resume=False)
+    run_folder.write_config(config.out, config.to_mapping())
+    data_card = card(config, prepared)
+    run_folder.write_card(config.out, data_card)
+    run_folder.check_saveable(trainer)
     result = run_training(trainer)
-    trainer.save_model(str(config.out))  # the adapter only, for a LoRA run
-    trainer.processing_class.save_pretrained(str(config.out))
-    summary = {
-        "steps": int(result.global_step),
-        "train_loss": float(result.training_loss),
-        "losses": [{"step": int(entry["step"]), "loss": float(entry["loss"])}
-                   for entry in trainer.state.log_history if "loss" in entry],
-        "rows_used": len(prepared.rows),
-        "rows_skipped": sum(len(f.skipped) for f in prepared.files),
-        # TRL drops pairs whose suffix max_length truncates away entirely; say how many.
-        "rows_truncated_away": len(prepared.rows) - len(trainer.train_dataset),
-        "files": [{"path": str(f.spec.path), "ratio": f.spec.ratio, "valid": len(f.rows),
-                   "used": f.used, "skipped": [{"line": b.line, "problem": b.problem}
-                                               for b in f.skipped]}
-                  for f in prepared.files],
-        "lora": config.lora,
+    saved = run_folder.save(trainer, config.out, lora=config.lora, merge=False)
+    return run_folder.finish(config.out, trainer, result, {
+        "resumed_from": None,
+        "rows": len(prepared.rows),
+        "records_skipped": data_card["skipped"],
+        "records_dropped": data_card["dropped"],
+        "saved": saved,
         "out": str(config.out),
-    }
-    (config.out / CONFIG_FILE).write_text(yaml.safe_dump(config.to_mapping(), sort_keys=False),
-                                          "utf-8")
-    (config.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
-    return summary
+    })
 
 
 def _yaml_value(text: str) -> Any:
@@ -350,8 +328,9 @@ def add_dpo_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "loss falls on the diverging suffixes. Command-line values override the "
                     "YAML --config.")
     parser.add_argument("--config", type=Path, help="YAML file with the keys below")
-    parser.add_argument("--data", nargs="+", metavar="FILE[:RATIO]",
-                        help="pairs JSONL files, each with an optional ratio (default 1)")
+    parser.add_argument("--data", nargs="+", metavar="FILE_OR_DIR[:RATIO]",
+                        help="pairs JSONL files or folders, each with an optional ratio "
+                             "(default 1; as for sft)")
     parser.add_argument("--model", help="model folder or name (needs a chat template)")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
@@ -401,11 +380,13 @@ def config_from_args(args: argparse.Namespace) -> DPORunConfig:
 def run_dpo(args: argparse.Namespace) -> int:
     try:
         summary = train_dpo(config_from_args(args))
-    except DPOSetupError as error:
-        print(f"guardrail train dpo: error: {error}", file=sys.stderr)
+    except TrainInputError as error:
+        print(f"guardrail train dpo: error: {error}", file=sys.stderr, flush=True)
         return 2
-    print(f"trained {summary['steps']} steps on {summary['rows_used']} pairs "
-          f"({summary['rows_skipped']} skipped); saved to {summary['out']}")
+    if run_folder.is_main():  # under accelerate launch, one report, not one per process
+        print(f"trained {summary['global_step']} steps on {summary['rows']} pairs "
+              f"({summary['records_skipped']} skipped, {summary['records_dropped']} dropped as "
+              f"too long); {summary['saved']} in {summary['out']}")
     return 0
 
 

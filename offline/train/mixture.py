@@ -1,11 +1,12 @@
 """Training data for SFT: files (or folders of ``*.jsonl``) mixed by ratio, every row accounted for.
 
-A spec is ``PATH`` or ``PATH:RATIO``. A file holds UnsafeChain records (``prompt`` +
-``response``, rendered by offline/train/render.py) or rows already in TRL's prompt-completion
-form. Rows that cannot be used are skipped with their line and reason; rendered rows longer than
-``max_length`` tokens are dropped and counted, never cut (a cut would train on a reasoning trace
-without its answer). A ratio scales a file's kept rows: 0.5 keeps a seeded half, 2.0 repeats
-them twice. :func:`scan` checks the shape with no tokenizer, so bad data fails before any load.
+The ``--data`` entries are parsed by offline/train/data_spec.py, as DPO's are. A file holds
+UnsafeChain records (``prompt`` + ``response``, rendered by offline/train/render.py) or rows
+already in TRL's prompt-completion form. Rows that cannot be used are skipped with their line
+and reason; rendered rows longer than ``max_length`` tokens are dropped and counted, never cut
+(a cut would train on a reasoning trace without its answer). A ratio scales a file's kept rows
+(:func:`scaled`, which DPO's pair files use too). :func:`scan` checks the shape with no
+tokenizer, so bad data fails before any load.
 """
 
 from __future__ import annotations
@@ -17,19 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from offline.harvest.records import BadRow, read_jsonl
+from offline.train.data_spec import DataError, DataSpec, expand, parse_specs
 from offline.train.render import ChatTokenizer, sft_rows
 
+__all__ = ["NEITHER", "DataError", "FileCard", "Mixture", "build", "scaled", "scan"]
+
 NEITHER = "neither UnsafeChain fields (prompt, response) nor prompt/completion fields"
-
-
-class DataError(ValueError):
-    """Training data the command cannot use; one line naming the file and the problem."""
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    path: Path
-    ratio: float
 
 
 @dataclass(slots=True)
@@ -65,28 +59,6 @@ class Mixture:
         return sum(sum(card.skipped.values()) for card in self.cards)
 
 
-def parse_spec(spec: str) -> list[Source]:
-    path_text, ratio = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            ratio = float(tail)
-            path_text = head
-        except ValueError:
-            pass  # a colon that is part of the path
-    if not ratio >= 0:
-        raise DataError(f"--data {spec}: the ratio must be a number >= 0")
-    path = Path(path_text)
-    if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
-        if not files:
-            raise DataError(f"--data {spec}: the folder holds no *.jsonl file")
-        return [Source(item, ratio) for item in files]
-    if not path.is_file():
-        raise DataError(f"--data {spec}: no such file or folder")
-    return [Source(path, ratio)]
-
-
 def _form(value: Any) -> str | None:
     if not isinstance(value, dict):
         return None
@@ -113,11 +85,11 @@ def _first_form(path: Path) -> str | None:
     return None
 
 
-def scan(specs: list[str]) -> list[tuple[Source, str]]:
+def scan(specs: list[Any]) -> list[tuple[DataSpec, str]]:
     """Each file with its form, from its first JSON row; a file of another shape is an error."""
-    found: list[tuple[Source, str]] = []
-    for spec in specs:
-        for source in parse_spec(spec):
+    found: list[tuple[DataSpec, str]] = []
+    for spec in parse_specs(specs):
+        for source in expand(spec):
             form = _first_form(source.path)
             if form is None:
                 raise DataError(f"{source.path}: no JSON rows to train on")
@@ -151,7 +123,7 @@ def scaled(rows: list[dict[str, str]], ratio: float, rng: random.Random) -> list
     return out
 
 
-def build(sources: list[tuple[Source, str]], tokenizer: ChatTokenizer, max_length: int,
+def build(sources: list[tuple[DataSpec, str]], tokenizer: ChatTokenizer, max_length: int,
           seed: int) -> Mixture:
     rng = random.Random(seed)
     mixed: list[dict[str, str]] = []

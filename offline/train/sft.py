@@ -1,34 +1,27 @@
 """``guardrail train sft``: supervised fine-tuning with TRL's SFTTrainer, full or LoRA.
 
 Every check that can fail on bad input runs before any weights load: the config, the output
-folder, the data's shape, the tokenizer's chat template. The output folder then holds the model
-(or the LoRA adapter, or with ``merge`` the merged model) and tokenizer at its root,
-``checkpoints/`` for ``--resume``, ``config.yaml`` (the resolved config), ``data_card.json``
-(counts per file, skipped and dropped rows with reasons), ``training_summary.json`` and, where
-matplotlib is installed, ``loss_curve.png``.
+folder, the data's shape, the tokenizer's chat template. The output folder is laid out by
+offline/train/run_folder.py (shared with ``dpo``): the model (or LoRA adapter, or with ``merge``
+the merged model) and tokenizer at its root, ``checkpoints/`` for ``--resume``, the resolved
+config, the data card, the training summary and the loss curve. The same command runs in one
+process or in many under ``accelerate launch`` (README, "Many GPUs").
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from offline.train import run_folder
+from offline.train.data_spec import parse_specs
 from offline.train.mixture import Mixture, build, scan
+from offline.train.run_folder import CHECKPOINTS, RunError
 from offline.train.sft_config import SFTScriptConfig, sft_arguments
 
-CHECKPOINTS = "checkpoints"
-RUN_FILES = ("training_summary.json", "config.yaml", CHECKPOINTS)
-
-
-class RunError(ValueError):
-    """A run that cannot start (output folder, model folder, checkpoint); one line."""
+__all__ = ["RunError", "SFTResult", "load_tokenizer", "run_sft"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,16 +34,10 @@ class SFTResult:
 def check_out(config: SFTScriptConfig) -> tuple[Path, bool]:
     """The output folder, and whether an old run there is to be cleared (--overwrite)."""
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out}: exists and is not a folder")
-    if config.resume is None and out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
-            held = [name for name in RUN_FILES if (out / name).exists()]
-            what = f"another run ({', '.join(held)})" if held else "other files"
-            raise RunError(f"--out {out}: holds {what}; pass --overwrite to replace it or "
-                           "--resume to continue it")
-        return out, True
-    return out, False
+    inputs = [Path(config.model), *(spec.path for spec in parse_specs(config.data))]
+    clear = run_folder.check_out(out, overwrite=config.overwrite,
+                                 resume=config.resume is not None, inputs=inputs)
+    return out, clear
 
 
 def resume_point(config: SFTScriptConfig, out: Path) -> str | None:
@@ -93,34 +80,10 @@ def _peft_config(config: SFTScriptConfig) -> Any:
                       target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
 
 
-def _losses(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    return [{"step": entry["step"], "loss": entry["loss"]} for entry in log_history
-            if "loss" in entry and "step" in entry]
-
-
-def _plot(losses: list[dict[str, float]], path: Path) -> bool:
-    if not losses or importlib.util.find_spec("matplotlib") is None:
-        return False
-    import matplotlib  # type: ignore[import-not-found,unused-ignore]
-
-    matplotlib.use("Agg")  # headless: no display on a training box
-    from matplotlib import pyplot  # type: ignore[import-not-found,unused-ignore]
-
-    figure, axes = pyplot.subplots(figsize=(6, 4))
-    axes.plot([item["step"] for item in losses], [item["loss"] for item in losses])
-    axes.set_xlabel("step")
-    axes.set_ylabel("training loss")
-    figure.tight_layout()
-    figure.savefig(path)
-    pyplot.close(figure)
-    return True
-
-
-def _write_card(out: Path, mixture: Mixture, config: SFTScriptConfig) -> None:
-    card = {"model": config.model, "max_length": config.max_length, "seed": config.seed,
+def card(mixture: Mixture, config: SFTScriptConfig) -> dict[str, Any]:
+    return {"model": config.model, "max_length": config.max_length, "seed": config.seed,
             "rows": len(mixture.rows), "skipped": mixture.skipped, "dropped": mixture.dropped,
             "files": [file.to_dict() for file in mixture.cards]}
-    (out / "data_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
 
 def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTResult:
@@ -132,7 +95,7 @@ def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTR
     mixture = build(sources, tokenizer, config.max_length, config.seed)
     if not mixture.rows:
         raise RunError(f"no rows to train on ({mixture.skipped} skipped, {mixture.dropped} "
-                       "dropped; see the counts with smaller inputs)")
+                       "dropped; see data_card counts with smaller inputs)")
     arguments = sft_arguments(config, out / CHECKPOINTS)
 
     from datasets import Dataset
@@ -142,16 +105,16 @@ def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTR
 
     try:
         args = SFTConfig(**arguments)
+        args.world_size  # noqa: B018  (sets up the processes: the barriers below need them)
     except (ValueError, TypeError) as error:  # e.g. save_strategy: sometimes
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise RunError(f"sft: TRL refuses the settings ({first})") from None
-    if clear:  # only now that the new run can start: a failed start loses nothing
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Only now that the new run can start, on every process: a failed start loses nothing.
+    run_folder.open_out(out, clear=clear, resume=resume is not None)
     resolved = config.to_dict() | {"sft": {key: value for key, value in arguments.items()
                                             if key not in ("output_dir", "max_length", "seed")}}
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-    _write_card(out, mixture, config)
+    run_folder.write_config(out, resolved)
+    run_folder.write_card(out, card(mixture, config))
 
     model = AutoModelForCausalLM.from_pretrained(config.model)
     with warnings.catch_warnings():
@@ -163,26 +126,15 @@ def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTR
                              processing_class=tokenizer,
                              peft_config=_peft_config(config) if config.lora else None,
                              callbacks=callbacks)
+    run_folder.check_saveable(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    trained: Any = trainer.model
-    if config.merge:
-        trained = trained.merge_and_unload()
-    trained.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-    losses = _losses(trainer.state.log_history)
-    summary = {
-        "global_step": trainer.state.global_step,
+    saved = run_folder.save(trainer, out, lora=config.lora, merge=config.merge,
+                            base=config.model)
+    summary = run_folder.finish(out, trainer, result, {
         "resumed_from": resume,
-        "training_loss": result.training_loss,
-        "losses": losses,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "rows": len(mixture.rows),
         "records_skipped": mixture.skipped,
         "records_dropped": mixture.dropped,
-        "saved": "merged model" if config.merge else "adapter" if config.lora else "model",
-    }
-    summary["loss_curve"] = "loss_curve.png" if _plot(losses, out / "loss_curve.png") else None
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n",
-                                               encoding="utf-8")
+        "saved": saved,
+    })
     return SFTResult(out, trainer.state.global_step, summary)

@@ -16,8 +16,11 @@ from typing import Any
 
 import yaml
 
+from offline.train.data_spec import parse_specs
+from offline.train.errors import TrainInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(TrainInputError):
     """A configuration the command cannot run; the message is one line naming the problem."""
 
 
@@ -40,7 +43,8 @@ SFT_DEFAULTS: dict[str, Any] = {
 
 @dataclass
 class SFTScriptConfig:
-    data: list[str] = field(default_factory=list)
+    data: list[Any] = field(default_factory=list)
+    """``PATH[:RATIO]`` strings or ``{path, ratio}`` mappings (offline/train/data_spec.py)."""
     model: str = ""
     out: str = ""
     lora: bool = False
@@ -119,9 +123,10 @@ def check(config: SFTScriptConfig) -> None:
     for name in ("data", "model", "out"):
         if not getattr(config, name):
             raise ConfigError(f"--{name} is required (or {name!r} in the config)")
-    if isinstance(config.data, str):
+    if not isinstance(config.data, list):
         config.data = [config.data]
     _check_types(config)
+    parse_specs(config.data)  # a bad entry or ratio fails here, before any file is read
     known = sft_fields()
     for key in config.sft:
         if key in OWNED:
@@ -154,8 +159,6 @@ def _check_types(config: SFTScriptConfig) -> None:
         if wrong_bool or not isinstance(value, types):
             wanted = " or ".join(kind.__name__ for kind in types)
             raise ConfigError(f"{name}: expected {wanted}, not {value!r}")
-    if not all(isinstance(item, str) for item in config.data):
-        raise ConfigError(f"data: a list of FILE_OR_DIR[:RATIO] strings, not {config.data!r}")
 
 
 def sft_arguments(config: SFTScriptConfig, output_dir: Path) -> dict[str, Any]:
