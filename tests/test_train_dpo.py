@@ -166,9 +166,19 @@ def test_bad_input_is_one_line_before_weights_load(r1_dir: Path, tmp_path: Path,
     _one_line_error(capsys, ["--config", str(config), "--out", str(tmp_path / "o")],
                     "'lora' must be true or false, not 'no'")
 
-    bad = write_jsonl(tmp_path / "bad.jsonl", ["nope", {"prompt": "x"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["nope", pair(1) | {"prefix": 3}])
     _one_line_error(capsys, ["--data", str(bad), *base[2:]],
                     "no pair to train on (2 skipped, 0 dropped; first: ")
+    # The wrong file: SFT's UnsafeChain records (or chat rows) given to dpo.
+    records = write_jsonl(tmp_path / "unsafechain.jsonl",
+                          [{"prompt": "x", "response": "<think>r</think>a"}])
+    _one_line_error(capsys, ["--data", str(records), *base[2:]],
+                    "unsafechain.jsonl:1: not an IPO pair (prompt, chosen, rejected; written by "
+                    "guardrail harvest) (found ['prompt', 'response'])")
+    _one_line_error(capsys, ["--data", f"{good}:-1", *base[2:]],
+                    "the ratio must be a finite number >= 0, not -1.0")
+    _one_line_error(capsys, ["--data", str(tmp_path / "missing.jsonl"), *base[2:]],
+                    "missing.jsonl: no such file or folder")
 
     bare = tmp_path / "bare"
     tokenizer = build_tokenizer(R1, bare)

@@ -212,10 +212,32 @@ def _no_pairs(files: list[PairFile]) -> DPOSetupError:
                          f"first: {first})")
 
 
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _check_shape(path: Path) -> None:
+    """A file whose first JSON row is not a pair is the wrong file (UnsafeChain records, chat
+    rows...): one line now, not every row skipped later."""
+    try:
+        for row in read_jsonl(path):
+            if isinstance(row, BadRow):
+                continue
+            line, value = row
+            if not isinstance(value, dict) or not all(key in value for key in PAIR_FIELDS):
+                found = sorted(value) if isinstance(value, dict) else type(value).__name__
+                raise DPOSetupError(f"{path}:{line}: not an IPO pair (prompt, chosen, rejected; "
+                                    f"written by guardrail harvest) (found {found})")
+            return
+    except (OSError, UnicodeDecodeError) as error:
+        raise DPOSetupError(f"{path}: cannot read it ({error})") from None
+
+
 def prepare(config: DPORunConfig) -> Prepared:
     """Check the input, load the tokenizer and pairs, then the model, and build the trainer."""
     _check_dpo_keys(config.dpo)
     files_in = [item for spec in config.data for item in expand(spec)]
+    for item in files_in:
+        _check_shape(item.path)
     clear = run_folder.check_out(config.out, overwrite=config.overwrite, resume=False,
                                  inputs=[Path(config.model), *(d.path for d in files_in)],
                                  resumable=False)
