@@ -47,7 +47,8 @@ def test_a_bad_entry_is_one_line(entry: Any, message: str) -> None:
 
 def test_one_entry_or_a_list_and_none_is_an_error() -> None:
     assert parse_specs("a.jsonl:2") == [DataSpec(Path("a.jsonl"), 2.0)]
-    for empty in (None, "", []):
+    nothing: tuple[Any, ...] = (None, "", [])
+    for empty in nothing:
         with pytest.raises(DataError, match="--data is required"):
             parse_specs(empty)
 
