@@ -237,7 +237,7 @@ def _no_weights(model_dir: Path, folder: Path, template: bool = True) -> Path:
 
 @pytest.mark.parametrize("case", ["wrong-data", "no-template", "unknown-key", "unknown-sft-key",
                                   "taken-out", "merge-without-lora", "missing-file", "bad-type",
-                                  "trl-refuses"])
+                                  "trl-refuses", "all-too-long", "bad-ratio"])
 def test_bad_input_is_one_line_before_any_weights_load(
         case: str, model_dir: Path, data: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,6 +255,8 @@ def test_bad_input_is_one_line_before_any_weights_load(
         "missing-file": "nope.jsonl: no such file or folder",
         "bad-type": "seed: expected int, not 'ten'",
         "trl-refuses": "sft: TRL refuses the settings",
+        "all-too-long": "no rows to train on (0 skipped, 2 dropped as longer than max_length 8)",
+        "bad-ratio": "the ratio must be a finite number >= 0, not -1.0",
     }[case]
     if case == "wrong-data":
         (tmp_path / "chat.jsonl").write_text('{"messages": []}\n', encoding="utf-8")
@@ -276,6 +278,10 @@ def test_bad_input_is_one_line_before_any_weights_load(
         argv += ["--sft", "save_strategy=sometimes"]
     elif case == "missing-file":
         argv[2] = str(tmp_path / "nope.jsonl")
+    elif case == "all-too-long":
+        argv += ["--max-length", "8"]
+    elif case == "bad-ratio":
+        argv[2] = f"{data}:-1"
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

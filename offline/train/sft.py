@@ -95,7 +95,7 @@ def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTR
     mixture = build(sources, tokenizer, config.max_length, config.seed)
     if not mixture.rows:
         raise RunError(f"no rows to train on ({mixture.skipped} skipped, {mixture.dropped} "
-                       "dropped; see data_card counts with smaller inputs)")
+                       f"dropped as longer than max_length {config.max_length})")
     arguments = sft_arguments(config, out / CHECKPOINTS)
 
     from datasets import Dataset
