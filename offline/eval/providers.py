@@ -24,6 +24,7 @@ from inspect_ai.model import (
     ModelAPI,
     ModelOutput,
     ModelUsage,
+    StopReason,
     modelapi,
 )
 from inspect_ai.model._model_call import ModelCall
@@ -47,7 +48,8 @@ class TransformersAPI(ModelAPI):
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_name)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{model_name}: the tokenizer has no chat template")
-        self.model: Any = AutoModelForCausalLM.from_pretrained(model_name, **model_args).to(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_name, **model_args)
+        self.model: Any = model.to(device)
         self.model.eval()
         self.device = device
         self._lock = threading.Lock()
@@ -92,7 +94,7 @@ class TransformersAPI(ModelAPI):
         new = generated[0][encoded["input_ids"].shape[1]:]
         eos = self.tokenizer.eos_token_id
         finished = len(new) > 0 and int(new[-1]) == eos
-        stop = "stop" if finished or len(new) < max_new else "max_tokens"
+        stop: StopReason = "stop" if finished or len(new) < max_new else "max_tokens"
         text: str = self.tokenizer.decode(new, skip_special_tokens=True)
         input_tokens = int(encoded["input_ids"].shape[1])
         return ModelOutput(
