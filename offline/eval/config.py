@@ -58,6 +58,8 @@ class EvalConfig:
     """Inspect's: None fails a benchmark on its first generation error (a rerun resumes it);
     a fraction tolerates that share of items failing (counted in ``n_errors``)."""
     log_buffer: int = 1
+    max_tasks: int = 4
+    """Benchmarks run at once (their requests share ``max_connections`` per model)."""
     display: str = "rich"
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,41 +1,34 @@
 """Math answers graded with math-verify, as the reasoning papers do: ``verify(parse(gold),
 parse(pred))`` in that order, the gold wrapped as ``$…$``.
 
-math-verify times itself out with signals, which work only in a process's main thread; the
-evaluation's scorers run on Inspect's loop, so they grade in one worker process
-(``grade_async``), and tests call ``grade`` directly.
+math-verify bounds its own time with ``signal.alarm``, which works only in a process's main
+thread. Inspect's scorers run on its event loop, which is the main thread when ``guardrail eval``
+runs it; elsewhere (a loop in a worker thread) grading runs without that bound. A worker process
+would avoid both, but a spawned child re-imports the caller's ``__main__``, and the grading takes
+milliseconds, so it stays in-process.
 """
 
 from __future__ import annotations
 
-import asyncio
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
-_POOL: ProcessPoolExecutor | None = None
+import threading
 
 
 def grade(gold: str, prediction: str) -> bool:
     from math_verify import parse, verify
 
+    timed = threading.current_thread() is threading.main_thread()
+    timeout = 5 if timed else None
     gold_text = gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
-    parsed_gold = parse(gold_text)
-    parsed_prediction = parse(prediction)
+    parsed_gold = parse(gold_text, parsing_timeout=timeout)
+    parsed_prediction = parse(prediction, parsing_timeout=timeout)
     if not parsed_gold or not parsed_prediction:
         return False
-    return bool(verify(parsed_gold, parsed_prediction))
+    return bool(verify(parsed_gold, parsed_prediction, timeout_seconds=timeout))
 
 
 async def grade_async(gold: str, prediction: str) -> bool:
-    global _POOL
-    if _POOL is None:
-        _POOL = ProcessPoolExecutor(max_workers=1,
-                                    mp_context=multiprocessing.get_context("spawn"))
-    return await asyncio.get_running_loop().run_in_executor(_POOL, grade, gold, prediction)
+    return grade(gold, prediction)
 
 
 def shutdown() -> None:
-    global _POOL
-    if _POOL is not None:
-        _POOL.shutdown(wait=True, cancel_futures=True)
-        _POOL = None
+    """Nothing to release (kept for the run-end hook's symmetry with a pooled grader)."""

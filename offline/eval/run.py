@@ -84,7 +84,8 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
         success, logs = eval_set(
             tasks, log_dir=str(out / "logs"), model=model,
             retry_attempts=config.retry_attempts, display=config.display,  # type: ignore[arg-type]
-            log_buffer=config.log_buffer, fail_on_error=config.fail_on_error, max_tasks=1,
+            log_buffer=config.log_buffer, fail_on_error=config.fail_on_error,
+            max_tasks=config.max_tasks,
             max_connections=config.max_connections)
     except Exception as error:
         # Inspect refuses a log folder holding another run's tasks, among other things.
