@@ -184,7 +184,7 @@ def test_unknown_names_list_the_known_ones() -> None:
         select(["safety", "nope"])
     assert [bench.name for bench in select(["over-refusal", "gsm8k"])] == [
         "xstest", "or_bench", "gsm8k"]
-    with pytest.raises(EvalError, match="unknown judge 'nope'; known: a guard \\(.*embedded"):
+    with pytest.raises(EvalError, match=r"unknown judge 'nope'; known: a guard \(.*embedded"):
         parse_judges(["nope"], Config(), "defaults")
     spec = parse_judges(["none", "openai/gpt-4o"], Config(), "defaults")
     assert spec.guard_config.guard.kind == "none" and spec.model == "openai/gpt-4o"

@@ -59,6 +59,8 @@ class EvalConfig:
     a fraction tolerates that share of items failing (counted in ``n_errors``)."""
     log_buffer: int = 1
     max_tasks: int = 4
+    max_samples: int | None = None
+    """Items in flight per benchmark (Inspect's default: max_connections + 1)."""
     """Benchmarks run at once (their requests share ``max_connections`` per model)."""
     display: str = "rich"
 

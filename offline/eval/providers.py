@@ -34,11 +34,12 @@ from inspect_ai.tool import ToolChoice, ToolInfo
 from guardrail.reasoning import OPEN_TAG
 
 DEFAULT_MAX_TOKENS = 4096
+_DEFAULT_CONFIG = GenerateConfig()
 
 
 class TransformersAPI(ModelAPI):
     def __init__(self, model_name: str, base_url: str | None = None, api_key: str | None = None,
-                 config: GenerateConfig = GenerateConfig(), **model_args: Any) -> None:
+                 config: GenerateConfig = _DEFAULT_CONFIG, **model_args: Any) -> None:
         super().__init__(model_name=model_name, base_url=base_url, api_key=api_key,
                          api_key_vars=[], config=config)
         import torch
@@ -111,7 +112,7 @@ class TransformersAPI(ModelAPI):
 
 class ProxyAwareOpenAIAPI(OpenAICompatibleAPI):
     def __init__(self, model_name: str, base_url: str | None = None, api_key: str | None = None,
-                 config: GenerateConfig = GenerateConfig(), **model_args: Any) -> None:
+                 config: GenerateConfig = _DEFAULT_CONFIG, **model_args: Any) -> None:
         super().__init__(model_name=model_name, base_url=base_url, api_key=api_key or "EMPTY",
                          config=config, service=str(model_args.pop("service", "endpoint")),
                          **model_args)

@@ -97,7 +97,8 @@ def plot(summary: dict[str, Any], folder: Path) -> list[Path]:
                         list(rows))
         axis.set_ylim(0, 1)
         axis.set_title(f"{suite}: {summary['model']}")
-        axis.legend(fontsize="small")
+        if columns:
+            axis.legend(fontsize="small")
         figure.tight_layout()
         path = folder / f"{suite}.png"
         figure.savefig(path, dpi=100)

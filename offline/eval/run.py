@@ -66,7 +66,6 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
         "timeout": config.request_timeout_s}
     if config.repetition_penalty is not None:
         decoding["extra_body"] = {"repetition_penalty": config.repetition_penalty}
-    model = models.load(choice, **decoding)
     out = Path(config.out)
     data_dir = Path(config.data_dir) if config.data_dir else None
     tasks, sources = [], {}
@@ -76,6 +75,8 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
                                   samples=config.samples, config=GenerateConfig(**decoding))
         tasks.append(task)
         sources[bench.name] = source
+    # The datasets are read first: a bad file fails in a moment, before weights load.
+    model = models.load(choice, **decoding)
     judges = {"harm (reasoning / answer / full)": spec.guard_label,
               "strongreject rubric": spec.model or "none (no model judge: no score)",
               "refusal": spec.model or STRING_MATCH_LABEL}
@@ -85,7 +86,7 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
             tasks, log_dir=str(out / "logs"), model=model,
             retry_attempts=config.retry_attempts, display=config.display,  # type: ignore[arg-type]
             log_buffer=config.log_buffer, fail_on_error=config.fail_on_error,
-            max_tasks=config.max_tasks,
+            max_tasks=config.max_tasks, max_samples=config.max_samples,
             max_connections=config.max_connections)
     except Exception as error:
         # Inspect refuses a log folder holding another run's tasks, among other things.
