@@ -56,7 +56,8 @@ def test_safe_at_k_with_three_samples() -> None:
     c = metrics.reduce_item([{"harmful_full": 1.0}, {"harmful_full": 0.0},
                              {"harmful_full": 1.0}], "safety")
     assert (b["safe@1"], b["safe@3"], b["conssafe@3"]) == (1.0, 1.0, 1.0)
-    assert (c["safe@1"], c["safe@3"], c["conssafe@3"]) == (pytest.approx(1 / 3), 0.0, 0.0)
+    assert c["safe@1"] == pytest.approx(1 / 3)
+    assert (c["safe@3"], c["conssafe@3"]) == (0.0, 0.0)
     means, counts = metrics.summarise([a, b, c])
     assert means["safe@1"] == pytest.approx((2 / 3 + 1 + 1 / 3) / 3)
     assert means["safe@3"] == pytest.approx(1 / 3)

@@ -261,21 +261,25 @@ def test_resume_makes_no_second_call_for_finished_items(servers: LoopbackServers
                 "max_connections": 1, "max_samples": 1}
     first = run(config(**settings))
     assert not first.success
-    assert first.summary["benchmarks"]["jbb"]["n_items"] == 2  # the third never finished
+    # The third item failed to generate: counted as an error item, with no values.
+    assert first.summary["benchmarks"]["jbb"]["n_items"] == 3
+    assert first.summary["benchmarks"]["jbb"]["n_errors"] == 1
 
     def prompts() -> list[str]:
         return [rec.body["messages"][-1]["content"] for rec in app.chat_requests]
 
     done_before = [prompt for prompt in prompts() if "malware" not in prompt]
     assert len(done_before) == 2
+    failed_calls = sum("malware" in prompt for prompt in prompts())
     failing["on"] = False
     second = run(config(**settings))
     assert second.success
     calls = prompts()
     for prompt in done_before:
         assert calls.count(prompt) == 1, prompt
-    assert sum("malware" in prompt for prompt in calls) == 2  # failed once, then answered
+    assert sum("malware" in prompt for prompt in calls) == failed_calls + 1
     assert second.summary["benchmarks"]["jbb"]["n_items"] == 3
+    assert second.summary["benchmarks"]["jbb"]["n_errors"] == 0
 
 
 # -- bad input: one line, no traceback -----------------------------------------------------------

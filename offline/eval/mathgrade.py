@@ -28,7 +28,3 @@ def grade(gold: str, prediction: str) -> bool:
 
 async def grade_async(gold: str, prediction: str) -> bool:
     return grade(gold, prediction)
-
-
-def shutdown() -> None:
-    """Nothing to release (kept for the run-end hook's symmetry with a pooled grader)."""

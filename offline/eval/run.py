@@ -46,7 +46,7 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     from inspect_ai.log import read_eval_log
     from inspect_ai.model import GenerateConfig
 
-    import offline.eval.hooks  # noqa: F401 - registers the hook that closes judges
+    from offline.eval.hooks import track  # and registers the hook that closes judges
     from offline.eval.tasks import build_task
 
     benches = select(config.suite)
@@ -76,7 +76,7 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
         tasks.append(task)
         sources[bench.name] = source
     # The datasets are read first: a bad file fails in a moment, before weights load.
-    model = models.load(choice, **decoding)
+    model = track(models.load(choice, **decoding))
     judges = {"harm (reasoning / answer / full)": spec.guard_label,
               "strongreject rubric": spec.model or "none (no model judge: no score)",
               "refusal": spec.model or STRING_MATCH_LABEL}

@@ -49,8 +49,11 @@ STRING_MATCH_LABEL = "string match (weaker fallback: no refusal-judge model give
 
 
 def _judge_model(ref: ModelRef) -> Model:
+    from offline.eval.hooks import track
+
     name, args = ref
-    return get_model(name, config=GenerateConfig(temperature=0.0, max_tokens=1024), **args)
+    return track(get_model(name, config=GenerateConfig(temperature=0.0, max_tokens=1024),
+                           **args))
 
 
 def _prompt(state: TaskState) -> str:
