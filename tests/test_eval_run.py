@@ -355,3 +355,23 @@ def test_eval_takes_nested_subcommands_through_its_hook(monkeypatch: pytest.Monk
     command.add_eval_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--model", "m", "--out", "o"])
     assert args.eval_command is None and args.handler is command.run_eval
+
+
+def test_each_benchmark_is_a_plain_inspect_task(data_dir: Path, servers: LoopbackServers,
+                                                tmp_path: Path) -> None:
+    from inspect_ai import eval as inspect_eval
+
+    import offline.eval._registry  # noqa: F401 - what the inspect_ai entry point loads
+    import offline.eval.tasks
+
+    url = servers.serve(create_fake_openai_app(responder=model_reply)) + "/v1"
+    tasks_file = Path(offline.eval.tasks.__file__)
+    logs = inspect_eval(f"{tasks_file}@gsm8k", model="guardrail-openai/fake-model",
+                        model_base_url=url, model_args={"api_key": "unused"}, limit=3,
+                        task_args={"data_dir": str(data_dir), "judge": "none"},
+                        display="none", log_dir=str(tmp_path / "logs"))
+    assert logs[0].status == "success" and logs[0].eval.task.endswith("gsm8k")
+    assert logs[0].results is not None
+    means = logs[0].results.scores[0].metrics  # Inspect's own view of the same numbers
+    assert means["accuracy"].value == pytest.approx(1 / 3)
+    assert means["truncated"].value == 0.0
