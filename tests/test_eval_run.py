@@ -361,7 +361,7 @@ def test_each_benchmark_is_a_plain_inspect_task(data_dir: Path, servers: Loopbac
                                                 tmp_path: Path) -> None:
     from inspect_ai import eval as inspect_eval
 
-    import offline.eval._registry  # noqa: F401 - what the inspect_ai entry point loads
+    import offline.eval._registry
     import offline.eval.tasks
 
     url = servers.serve(create_fake_openai_app(responder=model_reply)) + "/v1"
