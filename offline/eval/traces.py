@@ -4,8 +4,8 @@ was cut off.
 Reasoning comes from the endpoint's own field (``reasoning_content``, which Inspect keeps as
 ``ContentReasoning``) or from ``<think>…</think>`` in the text, split by the proxy's own parser
 (``guardrail/reasoning.py``). A trace is truncated when generation stopped at the token limit or
-a think block was opened and never closed: its text is all reasoning and it has no answer, so
-nothing downstream can score it as if it had answered.
+a think block was opened and never closed (its text is all reasoning), or no answer came at all:
+it has no final answer, so nothing downstream can score it as if it had answered.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def read_trace(output: ModelOutput, think_start: ThinkStart = "auto") -> Trace:
         truncated = cut or not answer.strip()
     elif CLOSE_TAG in text:
         reasoning, answer = split_inline_think(text, "reasoning")
-        truncated = cut
+        truncated = cut or not answer.strip()
     else:
         opened = (text.lstrip().startswith(OPEN_TAG) or think_start == "reasoning"
                   or bool((output.metadata or {}).get("think_open")))
@@ -89,7 +89,7 @@ def read_trace(output: ModelOutput, think_start: ThinkStart = "auto") -> Trace:
             truncated = True
         else:
             reasoning, answer = split_inline_think(text, think_start)
-            truncated = False
+            truncated = not answer.strip()
     metadata = output.metadata or {}
     proxy = metadata.get("guardrail")
     return Trace(reasoning=reasoning.strip(), answer=answer.strip(), truncated=truncated,
