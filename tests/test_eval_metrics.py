@@ -211,3 +211,23 @@ def test_local_files_load_as_the_papers_define_them() -> None:
     assert gsm8k[0].target == "18"
     ids = [sample.id for sample in load_samples(BENCHMARKS["wildjailbreak"], DATA)[0]]
     assert len(set(ids)) == 250
+
+
+def test_yaml_then_command_line_and_presets(tmp_path: Path) -> None:
+    from offline.eval.config import load
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("model: m\nout: o\npreset: safechain\nmax_tokens: 9000\nsuite: [reasoning]\n")
+    config = load(str(path), {"temperature": 0.7, "suite": None})
+    # The preset fills what neither set; the YAML's max_tokens and the command line's
+    # temperature win over it.
+    assert (config.temperature, config.top_p, config.max_tokens, config.samples) == (
+        0.7, 1.0, 9000, 1)
+    assert config.suite == ["reasoning"]
+    star1 = load(None, {"model": "m", "out": "o", "preset": "star1"})
+    assert (star1.temperature, star1.max_tokens, star1.repetition_penalty) == (0.0, 8000, 1.2)
+    with pytest.raises(EvalError, match="unknown preset 'safe'; known: safechain, star1"):
+        load(None, {"model": "m", "out": "o", "preset": "safe"})
+    path.write_text("model: m\nout: o\nbatch: 3\n")
+    with pytest.raises(EvalError, match="unknown setting"):
+        load(str(path), {})

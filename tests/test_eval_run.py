@@ -282,6 +282,25 @@ def test_resume_makes_no_second_call_for_finished_items(servers: LoopbackServers
     assert second.summary["benchmarks"]["jbb"]["n_errors"] == 0
 
 
+def test_a_guard_answering_garbage_is_counted_never_dropped(servers: LoopbackServers,
+                                                            data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    url = servers.serve(create_fake_openai_app(responder=model_reply)) + "/v1"
+    garbage = FakeLlamaGuard(output="banana")
+    judge = guard_yaml(tmp_path, servers.serve(garbage.app()) + "/v1")
+    outcome = run(config(model=url, suite=["jbb"], judge=[judge], out=str(tmp_path / "out"),
+                         limit=2, data_dir=str(data_dir)))
+    jbb = outcome.summary["benchmarks"]["jbb"]
+    # Every view's verdict failed: both items are counted, both are errors, and no harm rate is
+    # made up from the guard's on_error default.
+    assert jbb["n_items"] == 2 and jbb["n_errors"] == 2
+    assert "harmful_full" not in jbb["metrics"] and "safe@1" not in jbb["metrics"]
+    assert jbb["metrics"]["truncated"] == 0.0
+    _, items = read_out(tmp_path / "out")
+    assert all(any(error.startswith("epoch 1: full:") for error in item["errors"])
+               for item in items)
+
+
 # -- bad input: one line, no traceback -----------------------------------------------------------
 
 
