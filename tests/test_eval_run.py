@@ -374,6 +374,9 @@ def test_eval_takes_nested_subcommands_through_its_hook(monkeypatch: pytest.Monk
     command.add_eval_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--model", "m", "--out", "o"])
     assert args.eval_command is None and args.handler is command.run_eval
+    # Several suites last on the line are the suites, not a subcommand.
+    args = parser.parse_args(["eval", "--model", "m", "--suite", "safety", "reasoning"])
+    assert args.suite == ["safety", "reasoning"] and args.eval_command is None
 
 
 def test_each_benchmark_is_a_plain_inspect_task(data_dir: Path, servers: LoopbackServers,

@@ -92,6 +92,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from offline.eval.run import run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Tokenizers' own thread pool fights Inspect's threads and warns after a fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     overrides: dict[str, Any] = {
         "model": args.model, "suite": args.suite, "judge": args.judge, "out": args.out,
         "limit": args.limit, "data_dir": args.data_dir, "guard_config": args.guard_config,
@@ -113,7 +115,3 @@ def run_eval(args: argparse.Namespace) -> int:
     if not outcome.success:
         return _fail("some benchmarks did not finish; rerun the same command to resume", 1)
     return 0
-
-
-# Keep torch from taking every core when the command runs a local model on a shared machine.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
