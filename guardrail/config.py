@@ -186,6 +186,17 @@ class ServerConfig(_Section):
     cors_origins: list[str] = Field(default_factory=list)
     """Browser origins allowed to call the proxy; empty = no CORS headers at all."""
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    workers: int = Field(default=1, ge=1)
+    """Worker processes sharing the port (``guardrail serve --workers``); each loads its own
+    guard and keeps its own rate-limit buckets, ``/metrics`` sums them all."""
+    drain_seconds: float = Field(default=25.0, ge=0)
+    """On SIGTERM: how long streams in flight may take to finish while new requests get 503
+    and ``/readyz`` says not ready; streams still running then are ended with an error event
+    and their case recorded. Below Kubernetes' default 30 s grace period, so the drain ends
+    before the kill."""
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (the request log with case id, request id, status
+    and durations; never API keys, and no request or model text when ``store.redact`` is on)."""
 
     @field_validator("admin_keys")
     @classmethod

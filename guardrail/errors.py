@@ -105,3 +105,24 @@ class StoreError(GuardrailError):
     """The case store failed to read or write."""
 
     code = "store_error"
+
+
+class Unavailable(GuardrailError):
+    """The proxy cannot take the request now; the client may retry (``retry_after_s``)."""
+
+    status_code = 503
+    error_type = "server_error"
+    retry_after_s: int = 1
+
+
+class NotReady(Unavailable):
+    """The guard is still loading, or failed to."""
+
+    code = "not_ready"
+
+
+class ShuttingDown(Unavailable):
+    """The process is draining for a shutdown: new requests go elsewhere, and a stream still
+    running at the drain deadline ends with this."""
+
+    code = "shutting_down"

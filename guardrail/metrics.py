@@ -1,9 +1,37 @@
 """Prometheus collectors for the proxy. Each app owns its registry, so several apps (tests,
-replicas in one process) never collide."""
+replicas in one process) never collide.
+
+With several worker processes (``guardrail serve --workers N``) ``PROMETHEUS_MULTIPROC_DIR`` is
+set before the workers start: every value then lives in a file of that folder, and a scrape of
+any worker (``scrape_registry``) reads the files of all of them, so counters and histograms are
+sums over the workers. A gauge says how its workers' values combine (``multiprocess_mode``);
+one left at the default would be exported once per process, with a ``pid`` label.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The folder shared by the workers' metric files, or None with a single process."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """What ``/metrics`` exports: the app's registry, or with several workers a fresh registry
+    reading every worker's files (the app's own would count this worker twice)."""
+    folder = multiprocess_dir()
+    if folder is None:
+        return registry
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=folder)  # type: ignore[no-untyped-call]
+    return merged
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -63,4 +91,12 @@ class Metrics:
         self.case_store_failures = Counter(
             "guardrail_case_store_failures", "Cases written to the fallback file instead",
             registry=r,
+        )
+        self.streams_in_flight = Gauge(
+            "guardrail_streams_in_flight", "Chat completions being answered now",
+            multiprocess_mode="livesum", registry=r,
+        )
+        self.draining = Gauge(
+            "guardrail_draining", "1 while a worker drains for a shutdown (SIGTERM)",
+            multiprocess_mode="livemax", registry=r,
         )

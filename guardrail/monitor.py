@@ -171,6 +171,7 @@ class _Round:
     held_safe: list[_Step] = field(default_factory=list)
     """Held steps judged safe, waiting for their channel."""
     outcome: RoundOutcome | None = None
+    producer: asyncio.Task[None] | None = None
     finish_reason: str | None = None
     withheld: str = ""
     released_chars: int = 0
@@ -218,6 +219,7 @@ class GuardedStream:
         self._meta_sent = False
         self._round: _Round | None = None
         self._released: dict[Channel, list[str]] = {"reasoning": [], "answer": []}
+        self._aborted: GuardrailError | None = None
         case.mode = config.stream.mode if self._checking else "passthrough"
         case.guard = guard.name
 
@@ -228,6 +230,11 @@ class GuardedStream:
         flagged_at: float | None = None
         try:
             while True:
+                if self._aborted is not None:
+                    if isinstance(source, Closable):  # a continuation planned before the abort
+                        with contextlib.suppress(Exception):
+                            await source.aclose()
+                    raise self._aborted
                 round_ = self._new_round(number)
                 # aclosing: if this generator is closed early (the client left), the round's
                 # clean-up (cancel the upstream and the checks) must run now, not at GC.
@@ -245,7 +252,8 @@ class GuardedStream:
                 if isinstance(outcome, Completed):
                     yield self._finish(outcome.finish_reason)
                     return
-                if isinstance(outcome, Failed) and (number == 0 or round_.released_chars):
+                if isinstance(outcome, Failed) and (number == 0 or round_.released_chars
+                                                    or self._aborted is not None):
                     # The model's own attempt broke, or a continuation broke after it showed
                     # text: the response ends in that error.
                     raise outcome.error
@@ -270,6 +278,20 @@ class GuardedStream:
         finally:
             self._sync_released()
             self.case.timings.total_ms = (time.perf_counter() - self._started) * 1000
+
+    def abort(self, error: GuardrailError) -> None:
+        """End the response early with ``error`` (a shutdown's drain deadline): the upstream is
+        cancelled now, steps already sent to the guard are still released if judged safe, then
+        ``events()`` raises ``error``; no correction starts after it."""
+        if self._aborted is not None or self.ended is not None:
+            return
+        self._aborted = error
+        round_ = self._round
+        if round_ is not None and round_.producer is not None and not round_.producer.done():
+            # Cancelled, the producer adds nothing more to the inbox (it closes the upstream
+            # itself), so the failure queued here is the round's last item.
+            round_.producer.cancel()
+            round_.inbox.put_nowait(_Failure(error))
 
     def _finish(self, reason: str | None) -> Finish:
         self.case.finish_reason = reason
@@ -312,6 +334,7 @@ class GuardedStream:
     ) -> AsyncGenerator[OutputEvent, None]:
         """Releases the round's text until its outcome is known."""
         producer = asyncio.create_task(self._produce(source, round_))
+        round_.producer = producer
         self._round = round_
         release = self._release_strict if self._strict else self._release_fast
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,8 +15,10 @@ from starlette.middleware.cors import CORSMiddleware
 from guardrail import __version__
 from guardrail.config import Config
 from guardrail.errors import ConfigError, GuardrailError
+from guardrail.metrics import scrape_registry
 from server import admin, chat
 from server.body_limit import BodyLimitMiddleware
+from server.drain import Drain
 from server.errors import guardrail_error_response, install_error_handlers
 from server.protocol import ChatCompletionRequest
 from server.rate_limit import RateLimitMiddleware
@@ -42,18 +45,30 @@ def _with_chat_body(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[
     return described
 
 
-def create_app(config: Config | None = None) -> FastAPI:
+def create_app(
+    config: Config | None = None,
+    on_fatal: Callable[[GuardrailError], None] | None = None,
+) -> FastAPI:
+    """``on_fatal`` is told of a start-up error found after the server started listening (a
+    guard model that fails to load while it warms up); ``guardrail serve`` stops then."""
     config = config or Config()
+    drain = Drain()
+
+    def warm_up_failed(error: GuardrailError) -> None:
+        app.state.startup_error = error
+        if on_fatal is not None:
+            on_fatal(error)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            services = await Services.start(config)
+            services = await Services.start(config, drain)
         except ConfigError as error:
             # Kept for ``guardrail serve``, which reports it as one line, not a traceback.
             app.state.startup_error = error
             raise
         app.state.services = services
+        services.readiness.start(warm_up_failed)
         try:
             yield
         finally:
@@ -61,6 +76,7 @@ def create_app(config: Config | None = None) -> FastAPI:
 
     app = FastAPI(title="reasoning guardrail", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
+    app.state.drain = drain
     install_error_handlers(app)
     # Starlette runs the last added middleware first: CORS answers preflights before anything
     # else, and a rate-limited request is refused before its body is read.
@@ -73,7 +89,7 @@ def create_app(config: Config | None = None) -> FastAPI:
             allow_origins=config.server.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["x-guardrail-case-id"],
+            expose_headers=["x-guardrail-case-id", "x-request-id"],
         )
     app.include_router(chat.router)
     app.include_router(admin.router)
@@ -91,10 +107,12 @@ def create_app(config: Config | None = None) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
+        """Liveness: the process answers. Whether it should get traffic is ``/readyz``."""
         services: Services = request.app.state.services
         return {
             "status": "ok",
             "version": __version__,
+            "pid": os.getpid(),  # which worker answered, with ``--workers``
             "upstream": services.upstream.name,
             "guard": services.guard.name,
             "mode": config.stream.mode,
@@ -102,10 +120,18 @@ def create_app(config: Config | None = None) -> FastAPI:
             "store": services.store.name,
         }
 
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        """Readiness: the guard warmed up, the store answers, not draining (else 503)."""
+        services: Services = request.app.state.services
+        ready, body = await services.readiness.report(services.drain.draining)
+        return JSONResponse(body, status_code=200 if ready else 503)
+
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         services: Services = request.app.state.services
-        return Response(generate_latest(services.metrics.registry),
+        services.sync_stats()
+        return Response(generate_latest(scrape_registry(services.metrics.registry)),
                         media_type=CONTENT_TYPE_LATEST)
 
     return app

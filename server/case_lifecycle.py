@@ -4,8 +4,9 @@
 before the case is finished); ``fail`` is the one place where an exception raised while the
 response is produced becomes one of ours and the case says so; ``finish`` stops the guarded
 stream, counts the outcome and stores the case, shielded so that a client that leaves cannot cut
-it short. How the response ended comes from the stream itself (``GuardedStream.ended``), never
-from a guess.
+it short, then logs the request's line (``server/logs.py``). While it lives, the response counts
+as in flight for the drain (``server/drain.py``). How the response ended comes from the stream
+itself (``GuardedStream.ended``), never from a guess.
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ import anyio
 from guardrail.cases.model import Case
 from guardrail.errors import GuardrailError, UpstreamError, describe, internal_error
 from guardrail.monitor import GuardedStream
+from server.logs import log_response
 from server.services import Services
 
 
 class CaseLifecycle:
-    def __init__(self, services: Services, case: Case, stream: GuardedStream) -> None:
+    def __init__(self, services: Services, case: Case, stream: GuardedStream,
+                 request_id: str) -> None:
         self.services = services
         self.case = case
         self.stream = stream
+        self.request_id = request_id
+        self.status_code = 200
+        """What the client was answered with (an error found before the first byte)."""
         self.events = stream.events()
         self._begun: asyncio.Task[None] | None = None
         self._failure: GuardrailError | None = None
+        services.drain.track(stream)
 
     def begin(self) -> None:
         """Store the case as in progress, overlapping the wait for the model."""
@@ -67,4 +74,10 @@ class CaseLifecycle:
             metrics.actions.labels(case.action).inc()
             status = "error" if case.action == "error" else "ok"
             metrics.requests.labels(str(case.stream).lower(), status).inc()
-            await services.recorder.record(case)
+            services.sync_stats()
+            try:
+                await services.recorder.record(case)
+            finally:
+                services.drain.done(self.stream)
+            log_response(case, self.request_id, self.status_code,
+                         redact_text=bool(services.config.store.redact))

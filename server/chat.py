@@ -22,6 +22,7 @@ from guardrail.monitor import GuardedStream, OutputEvent
 from guardrail.upstreams.base import ChatRequest
 from server.case_lifecycle import CaseLifecycle
 from server.errors import ClientError, guardrail_error_response
+from server.logs import REQUEST_ID_HEADER, request_id
 from server.protocol import (
     ChatCompletionRequest,
     ChunkWriter,
@@ -84,17 +85,21 @@ def _field_path(body: Any, loc: tuple[int | str, ...]) -> str:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     services: Services = request.app.state.services
+    services.drain.refuse_if_draining()
     services.auth.client(request)
     body, parsed = _parse_body(await request.body())
+    # A request that arrives while the guard loads waits for it, as its first check would.
+    await services.readiness.guard_warm()
     config = services.config
     model = config.upstream.model or parsed.model or "unknown"
     case = Case(model=model, upstream=services.upstream.name, stream=parsed.stream, request=body)
-    headers = {CASE_HEADER: case.id}
+    rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+    headers = {CASE_HEADER: case.id, REQUEST_ID_HEADER: rid}
     monitor = GuardedStream(
         request=ChatRequest(body=body), upstream=services.upstream, guard=services.guard,
         corrector=services.corrector, config=config, metrics=services.metrics, case=case,
     )
-    lifecycle = CaseLifecycle(services, case, monitor)
+    lifecycle = CaseLifecycle(services, case, monitor, rid)
     writer = ChunkWriter(f"chatcmpl-{case.id.removeprefix('case_')}", model,
                          config.server.reasoning_field)
     if parsed.stream:
@@ -110,6 +115,7 @@ async def chat_completions(request: Request) -> Response:
         await lifecycle.begun()
     except Exception as error:
         failure = lifecycle.fail(error)
+        lifecycle.status_code = failure.status_code
         await lifecycle.finish()
         return guardrail_error_response(failure, headers=headers)
     except BaseException:
@@ -187,6 +193,7 @@ async def _complete(
                 finish_reason = event.reason
     except Exception as error:
         failure = lifecycle.fail(error)
+        lifecycle.status_code = failure.status_code
         await lifecycle.finish()
         return guardrail_error_response(failure, headers=headers)
     await lifecycle.finish()

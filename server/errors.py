@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from guardrail.errors import GuardrailError
+from guardrail.errors import GuardrailError, Unavailable
 from server.protocol import error_body
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ def error_response(
 def guardrail_error_response(
     error: GuardrailError, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    if isinstance(error, Unavailable):
+        headers = {**(headers or {}), "retry-after": str(error.retry_after_s)}
     return error_response(
         error.status_code, str(error), error.error_type, code=error.code, headers=headers
     )

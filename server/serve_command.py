@@ -7,8 +7,12 @@ import logging
 import sys
 from typing import Any
 
+from pydantic import ValidationError
+
 from guardrail.config import Config, load_config
 from guardrail.errors import ConfigError, UnknownBackendError
+
+logger = logging.getLogger("guardrail.serve")
 
 
 def _describe_start(config: Config) -> str:
@@ -46,67 +50,54 @@ def check_backends(config: Config) -> None:
                                       f"known: {', '.join(registry.names())}")
 
 
-_THREAD_SWITCH_INTERVAL_S = 0.0005
-
-
 def serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-        overrides = {key: value for key, value in (("host", args.host), ("port", args.port))
+        overrides = {key: value for key, value in (("host", args.host), ("port", args.port),
+                                                   ("workers", args.workers))
                      if value is not None}
         if overrides:
-            config.server = config.server.model_copy(update=overrides)
+            config.server = config.server.model_validate(
+                {**config.server.model_dump(), **overrides})
         check_backends(config)
     except ConfigError as error:
         _config_error(error)
         return 2
-    import uvicorn
-
-    from server.app import create_app
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # One line per upstream call says nothing the access log does not; warnings still show.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    # Store writes and CPU guard inference run in worker threads. While the event loop is busy
-    # (many streams, or one fast one) a thread that finished waits for the GIL up to the switch
-    # interval, 5 ms by default, and a stream's first byte waits on its case write.
-    sys.setswitchinterval(_THREAD_SWITCH_INTERVAL_S)
-    print(_describe_start(config), file=sys.stderr, flush=True)
-    print(f"guardrail: listening on http://{config.server.host}:{config.server.port}/v1",
-          file=sys.stderr, flush=True)
-    app = create_app(config)
-    # A config error found only as the app starts (a backend missing its url, a guard model
-    # that cannot load) is reported as one line too, not as a traceback from the lifespan.
-    quiet = _QuietStartupFailure(app)
-    uvicorn_logger = logging.getLogger("uvicorn.error")
-    uvicorn_logger.addFilter(quiet)
-    try:
-        uvicorn.run(app, host=config.server.host, port=config.server.port, log_level="info")
-    except SystemExit:
-        startup_error = getattr(app.state, "startup_error", None)
-        if startup_error is None:
-            raise
-        _config_error(startup_error)
+    except ValidationError as error:  # --workers 0
+        first = error.errors()[0]
+        _config_error(ConfigError(f"server.{first['loc'][0]}: {first['msg']}"))
         return 2
-    finally:
-        uvicorn_logger.removeFilter(quiet)
+    from server.process import WorkerSupervisor, configure_logging, run_server
+
+    configure_logging(config)
+    workers = config.server.workers
+    for line in (_describe_start(config),
+                 f"guardrail: listening on http://{config.server.host}:{config.server.port}/v1"
+                 + (f" with {workers} worker processes" if workers > 1 else "")):
+        if config.server.log_format == "json":  # every line of the log an object
+            logger.info(line.removeprefix("guardrail: "))
+        else:
+            print(line, file=sys.stderr, flush=True)
+    if workers > 1:
+        startup_error = WorkerSupervisor(config, workers).run()
+        if startup_error is not None:
+            _config_error(startup_error)
+            return 2
+        return 0
+    server = run_server(config)
+    if server.startup_error is not None:
+        # A config error found only as the app starts (a backend missing its url, a guard model
+        # that cannot load) is reported as one line too, not as a traceback from the lifespan.
+        _config_error(server.startup_error)
+        return 2
+    if not server.started:
+        return 1  # uvicorn said why (the port taken...)
     return 0
 
 
-def _config_error(error: Exception) -> None:
+def _config_error(error: Exception | str) -> None:
     message = " ".join(str(error).split())  # one line, whatever the message holds
     print(f"guardrail: config error: {message}", file=sys.stderr, flush=True)
-
-
-class _QuietStartupFailure(logging.Filter):
-    """Drops uvicorn's start-up failure logs once the app recorded a config error."""
-
-    def __init__(self, app: Any) -> None:
-        super().__init__()
-        self.app = app
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(self.app.state, "startup_error", None) is None
 
 
 def add_serve_parser(commands: Any) -> None:
@@ -115,4 +106,6 @@ def add_serve_parser(commands: Any) -> None:
     serve_parser.add_argument("--config", help="YAML config file (default: laptop defaults)")
     serve_parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve_parser.add_argument("--port", type=int, help="port (default 8000)")
+    serve_parser.add_argument("--workers", type=int,
+                              help="worker processes sharing the port (default server.workers, 1)")
     serve_parser.set_defaults(handler=serve)

@@ -12,11 +12,13 @@ from guardrail.cases.recorder import CaseRecorder
 from guardrail.config import Config
 from guardrail.correctors import Corrector, build_corrector
 from guardrail.guards import Guard, build_guard
-from guardrail.guards.capabilities import find_stats, warm_up
-from guardrail.guards.plumbing.stats import GuardStatsCollector
-from guardrail.metrics import Metrics
+from guardrail.guards.capabilities import find_stats
+from guardrail.guards.plumbing.stats import GuardStatsCollector, GuardStatsMirror
+from guardrail.metrics import Metrics, multiprocess_dir
 from guardrail.upstreams import Upstream, build_upstream
 from server.auth import Authenticator
+from server.drain import Drain
+from server.readiness import Readiness
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +33,15 @@ class Services:
     recorder: CaseRecorder
     metrics: Metrics
     auth: Authenticator
+    readiness: Readiness
+    drain: Drain
+    sync_stats: Callable[[], None]
+    """Copies the guard's own counters into the metrics (several workers; else nothing)."""
 
     @classmethod
-    async def start(cls, config: Config) -> Services:
+    async def start(cls, config: Config, drain: Drain | None = None) -> Services:
+        """Builds and opens everything; the guard's warm-up is left to ``readiness.start()``,
+        so the server can answer probes while the model loads."""
         metrics = Metrics()
         corrector = build_corrector(config.correction)
         opened: list[Callable[[], Awaitable[None]]] = []
@@ -45,8 +53,6 @@ class Services:
             opened.append(upstream.aclose)
             guard = build_guard(config.guard)
             opened.append(guard.aclose)
-            # Load the guard's model now, not on the first request, and off the event loop.
-            await warm_up(guard)
         except BaseException:
             # A failed start must not leave the store's connections or HTTP clients open.
             for close in reversed(opened):
@@ -59,15 +65,27 @@ class Services:
             metrics.errors.labels("case_store").inc()
 
         stats = find_stats(guard)
+        sync_stats: Callable[[], None] = _nothing
         if stats is not None:  # a cascade: how often it escalates, as guardrail_guard_stats_total
-            metrics.registry.register(GuardStatsCollector(stats))
+            if multiprocess_dir() is None:
+                metrics.registry.register(GuardStatsCollector(stats))
+            else:
+                sync_stats = GuardStatsMirror(stats, metrics.registry).sync
         recorder = CaseRecorder(store, config.store.fallback_path, on_failure=on_store_failure,
                                 redact=config.store.redact)
+        drain = drain or Drain()
+        drain.metrics = metrics
         return cls(config, upstream, guard, corrector, store, recorder, metrics,
-                   Authenticator(config.server))
+                   Authenticator(config.server), Readiness(guard, store), drain, sync_stats)
 
     async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.readiness.aclose()
         for close in (self.upstream.aclose, self.guard.aclose, self.corrector.aclose,
                       self.store.aclose):
             with contextlib.suppress(Exception):
                 await close()
+
+
+def _nothing() -> None:
+    pass

@@ -189,8 +189,9 @@ def test_cases_health_and_metrics(tmp_path: Path) -> None:
 
         health = proxy.client.get("/healthz")
         assert health.status_code == 200
-        assert health.json() | {"version": None} == {
-            "status": "ok", "version": None, "upstream": "openai", "guard": "llama-guard",
+        assert health.json() | {"version": None, "pid": None} == {
+            "status": "ok", "version": None, "pid": None, "upstream": "openai",
+            "guard": "llama-guard",
             "mode": "strict", "correction": "refuse", "store": "sqlite"}
 
         before = scrape(proxy)
