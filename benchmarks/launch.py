@@ -33,8 +33,9 @@ def start_upstream(workdir: Path, chunks: int, chunk_delay_ms: float = 0.0,
 
 
 def start_guardrail(name: str, workdir: Path, upstream: Target, guard: dict[str, Any],
-                    **sections: dict[str, Any]) -> tuple[ServerProcess, Target]:
-    """Our proxy as users run it (``guardrail serve --config``), with its default store."""
+                    workers: int = 1, **sections: dict[str, Any]) -> tuple[ServerProcess, Target]:
+    """Our proxy as users run it (``guardrail serve --config``), with its default store; ready
+    when ``/readyz`` says so (the guard warmed up)."""
     port = free_port()
     slug = name.replace(" ", "-").replace(",", "")
     config = {
@@ -42,14 +43,15 @@ def start_guardrail(name: str, workdir: Path, upstream: Target, guard: dict[str,
         "guard": guard,
         "store": {"url": f"sqlite:///{workdir / slug}.db",
                   "fallback_path": str(workdir / f"{slug}-unstored.jsonl")},
-        "server": {"host": "127.0.0.1", "port": port, "api_keys": [PROXY_KEY]},
+        "server": {"host": "127.0.0.1", "port": port, "api_keys": [PROXY_KEY],
+                   "workers": workers},
         **sections,
     }
     config_path = workdir / f"{slug}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     guardrail = Path(sys.executable).parent / "guardrail"
     server = ServerProcess(name, [str(guardrail), "serve", "--config", str(config_path)],
-                           f"http://127.0.0.1:{port}/healthz", workdir / f"{slug}.log")
+                           f"http://127.0.0.1:{port}/readyz", workdir / f"{slug}.log")
     return server, Target(name, f"http://127.0.0.1:{port}/v1", PROXY_KEY)
 
 

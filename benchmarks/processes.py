@@ -81,6 +81,23 @@ class ServerProcess:
                     total_kib += int(line.split()[1])
         return total_kib / 1024
 
+    def memory_by_process(self) -> list[tuple[int, float, float, float]]:
+        """``(pid, RSS, PSS, USS)`` in MiB for the process and each descendant. PSS splits
+        each shared page among the processes that map it, USS is what only that process holds:
+        together they say whether the workers share their guard's memory."""
+        rows = []
+        for pid in self.pids():
+            try:
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            fields = {line.split(":")[0]: int(line.split()[1]) for line in rollup.splitlines()[1:]
+                      if line.split()[-1] == "kB"}
+            uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+            rows.append((pid, fields.get("Rss", 0) / 1024, fields.get("Pss", 0) / 1024,
+                         uss / 1024))
+        return rows
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
