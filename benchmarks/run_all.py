@@ -30,6 +30,7 @@ BENCHMARKS = {
     "embedded_guard_latency": ["benchmarks/embedded_guard_latency.py",
                                "--concurrency", "1,4,16,32"],
     "harvest_scale": ["-m", "benchmarks.harvest_scale", "--cases", "20000,100000"],
+    "workers": ["-m", "benchmarks.workers"],
 }
 
 

@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             upstream.stop()
     report(rows, load_before, os.getloadavg())
-    return 0 if all(not any(r.error for r in row.results) for row in rows) else 1
+    # A relayed stream that fails is a fault; guard timeouts under this load are a finding
+    # (the CPU guard saturates), reported above.
+    return 0 if all(not any(r.error for r in row.results)
+                    for row in rows if row.guard == "none") else 1
 
 
 def measure(workdir: Path, direct: Target, guard: str, streams: int, concurrency: int

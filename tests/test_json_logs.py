@@ -1,7 +1,7 @@
-"""``server.log_format: json``: a real ``guardrail serve``'s stderr is one JSON object per line, each
-chat completion with its case id, request id, status and durations; API keys never appear, and
-with ``store.redact`` on neither does text (the user's, the model's, or an upstream error's that
-quotes it)."""
+"""``server.log_format: json``: a real ``guardrail serve``'s stderr is one JSON object per line,
+each chat completion with its case id, request id, status and durations; API keys never appear,
+and with ``store.redact`` on neither does text (the user's, the model's, or an upstream error's
+that quotes it)."""
 
 from __future__ import annotations
 
