@@ -156,3 +156,30 @@ def test_a_worker_that_cannot_load_its_guard_stops_the_server_with_one_line(
               if line.startswith("guardrail: config error")]
     assert len(errors) == 1 and "guard.model" in errors[0], serve.stderr()
     assert not os.path.exists(tmp_path / "unstored.jsonl")
+
+
+def test_a_guards_own_counters_are_copied_into_a_counter_for_several_workers() -> None:
+    """With several workers a custom collector is never read, so a cascade's counters are
+    mirrored into a Counter: each sync adds what grew since the last one."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from guardrail.guards.plumbing.stats import GuardStatsMirror
+
+    class Counting:
+        name = "cascade"
+        counts = {"escalated": 0, "first_only": 0}
+
+        def stats(self) -> dict[str, int]:
+            return dict(self.counts)
+
+    guard = Counting()
+    registry = CollectorRegistry()
+    mirror = GuardStatsMirror(guard, registry)
+    guard.counts.update(escalated=2, first_only=5)
+    mirror.sync()
+    guard.counts.update(escalated=3)
+    mirror.sync()
+    mirror.sync()  # nothing new: nothing added
+    text = generate_latest(registry).decode()
+    assert metric(text, "guardrail_guard_stats_total", guard="cascade", stat="escalated") == 3
+    assert metric(text, "guardrail_guard_stats_total", guard="cascade", stat="first_only") == 5
