@@ -1,8 +1,8 @@
 """Serving processes: uvicorn's server with a drain on SIGTERM, and a supervisor for several.
 
-``GuardrailServer`` is uvicorn's ``Server`` with two changes. The first SIGTERM does not stop it
-at once: it starts the drain (``server/drain.py``) and the server stops when the drain ends
-(SIGINT, or a second SIGTERM, stops it as uvicorn does). And a start-up error found after it
+``GuardrailServer`` is uvicorn's ``Server`` with two changes. SIGTERM does not stop it at once:
+it starts the drain (``server/drain.py``) and the server stops when the drain ends (SIGINT
+stops it as uvicorn does). And a start-up error found after it
 began listening (the guard's warm-up) stops it, so the command can report that error.
 
 With ``--workers N`` (``run_workers``) this process binds the port and starts N worker
@@ -91,9 +91,11 @@ class GuardrailServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         drain_seconds = self.guardrail_config.server.drain_seconds
-        if (sig == signal.SIGTERM and not self._drain_requested and not self.should_exit
-                and drain_seconds > 0):
+        if sig == signal.SIGTERM and drain_seconds > 0 and not self.should_exit:
             # Runs in the signal handler: only note it; on_tick starts the drain on the loop.
+            # A SIGTERM during the drain changes nothing: a worker may get it twice (from
+            # the supervisor, and from systemd or a shell signalling the whole group).
+            # SIGINT stops at once.
             self._drain_requested = True
             return
         super().handle_exit(sig, frame)

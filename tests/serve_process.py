@@ -34,7 +34,8 @@ class ServeProcess:
         self.process = subprocess.Popen(
             [str(GUARDRAIL), "serve", "--config", str(self.config_path), *args],
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=self._stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True)  # its own process group, for terminate(group=True)
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -53,9 +54,13 @@ class ServeProcess:
             self._stderr.flush()
         return self.stderr_path.read_text(errors="replace")
 
-    def terminate(self) -> None:
+    def terminate(self, *, group: bool = False) -> None:
+        """SIGTERM to the command, or to all its processes at once (as systemd does)."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if group:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            else:
+                self.process.send_signal(signal.SIGTERM)
 
     def wait(self, timeout_s: float = 60.0) -> int:
         try:

@@ -87,14 +87,17 @@ def drained(log: str) -> tuple[int, int, int]:
     return totals[0], totals[1], totals[2]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "group"), [(1, False), (2, False), (2, True)],
+                         ids=["1-worker", "2-workers", "2-workers-whole-group"])
 def test_sigterm_drains_streams_in_flight_and_their_cases_end_complete(
-    tmp_path: Path, slow_model: str, workers: int
+    tmp_path: Path, slow_model: str, workers: int, group: bool
 ) -> None:
     serve = start(tmp_path, slow_model, drain_seconds=30, workers=workers)
     try:
         futures = start_streams(serve.url, 3)
-        serve.terminate()
+        # With the whole group signalled each worker gets SIGTERM twice (its own, and the one
+        # the supervisor forwards): it must still drain, not stop at once.
+        serve.terminate(group=group)
         time.sleep(0.3)  # the drain starts on the server's next tick (0.1 s)
         assert serve.process.poll() is None, "the process left with streams in flight"
         with httpx.Client(base_url=serve.url, timeout=10) as client:

@@ -167,7 +167,9 @@ def test_a_guards_own_counters_are_copied_into_a_counter_for_several_workers() -
 
     class Counting:
         name = "cascade"
-        counts = {"escalated": 0, "first_only": 0}
+
+        def __init__(self) -> None:
+            self.counts = {"escalated": 0, "first_only": 0}
 
         def stats(self) -> dict[str, int]:
             return dict(self.counts)
