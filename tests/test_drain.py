@@ -19,7 +19,7 @@ import pytest
 
 from tests.fakes.loopback import serve_app
 from tests.fakes.openai_server import FakeReply, create_fake_openai_app
-from tests.serve_process import ServeProcess, stored_cases
+from tests.serve_process import ServeProcess, metric, stored_cases
 
 REASONING = "".join(f"Step {number} of the plan is fine. " for number in range(12))
 ANSWER = "All steps done."
@@ -132,9 +132,16 @@ def test_a_stream_still_running_at_the_deadline_ends_cleanly_with_its_case(
         serve = start(tmp_path, model_url, drain_seconds=1)
         try:
             futures = start_streams(serve.url, 2)
-            started = time.monotonic()
-            serve.terminate()
-            results = [future.result(timeout=30) for future in futures]
+            # And one not streamed: nothing reaches its client until it ends.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                plain = pool.submit(httpx.post, f"{serve.url}/v1/chat/completions", timeout=30,
+                                    json={"model": "fake-model", "messages": [
+                                        {"role": "user", "content": "plan it"}]})
+                wait_in_flight(serve.url, 3)
+                started = time.monotonic()
+                serve.terminate()
+                results = [future.result(timeout=30) for future in futures]
+                refused = plain.result(timeout=30)
             assert serve.wait(30) == 0
             took = time.monotonic() - started
         finally:
@@ -143,9 +150,19 @@ def test_a_stream_still_running_at_the_deadline_ends_cleanly_with_its_case(
     for result in results:
         assert result["error"] is not None and "shutting down" in result["error"]
         assert 0 < len(result["reasoning"]) < len(REASONING * 5)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
     cases = {case["id"]: case for case in stored_cases(tmp_path / "cases.db")}
-    assert set(cases) == {result["case_id"] for result in results}
+    assert set(cases) == {result["case_id"] for result in results} | {
+        refused.headers["x-guardrail-case-id"]}
     for case in cases.values():
         assert case["status"] == "complete" and case["action"] == "error"
         assert case["error"].startswith("ShuttingDown: ") and "drain" in case["error"]
-    assert drained(serve.stderr()) == (0, 2, 0)
+    assert drained(serve.stderr()) == (0, 3, 0)
+
+
+def wait_in_flight(url: str, count: int) -> None:
+    """Until the proxy's own gauge counts ``count`` responses in flight."""
+    deadline = time.monotonic() + 20
+    while metric(httpx.get(f"{url}/metrics").text, "guardrail_streams_in_flight") != count:
+        assert time.monotonic() < deadline, "the responses never were all in flight"
+        time.sleep(0.05)
