@@ -188,7 +188,7 @@ class ServerConfig(_Section):
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     workers: int = Field(default=1, ge=1)
     """Worker processes sharing the port (``guardrail serve --workers``); each loads its own
-    guard and keeps its own rate-limit buckets, ``/metrics`` sums them all."""
+    guard, they share the rate limit's buckets, ``/metrics`` sums them all."""
     drain_seconds: float = Field(default=25.0, ge=0)
     """On SIGTERM: how long streams in flight may take to finish while new requests get 503
     and ``/readyz`` says not ready; streams still running then are ended with an error event

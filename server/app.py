@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,9 +49,11 @@ def _with_chat_body(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[
 def create_app(
     config: Config | None = None,
     on_fatal: Callable[[GuardrailError], None] | None = None,
+    rate_limit_file: Path | None = None,
 ) -> FastAPI:
     """``on_fatal`` is told of a start-up error found after the server started listening (a
-    guard model that fails to load while it warms up); ``guardrail serve`` stops then."""
+    guard model that fails to load while it warms up); ``guardrail serve`` stops then.
+    ``rate_limit_file``: the rate limit's buckets shared with the other workers."""
     config = config or Config()
     drain = Drain()
 
@@ -82,7 +85,8 @@ def create_app(
     # else, and a rate-limited request is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
     if config.server.rate_limit.requests_per_minute is not None:
-        app.add_middleware(RateLimitMiddleware, server=config.server)
+        app.add_middleware(RateLimitMiddleware, server=config.server,
+                           shared_file=rate_limit_file)
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,

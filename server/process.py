@@ -40,6 +40,7 @@ from guardrail.errors import GuardrailError
 from guardrail.metrics import MULTIPROC_ENV
 from server.app import create_app
 from server.logs import json_logging_config
+from server.shared_rate_limit import SharedBuckets
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,10 @@ def configure_logging(config: Config) -> None:
 
 
 class GuardrailServer(uvicorn.Server):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, rate_limit_file: Path | None = None) -> None:
         self.guardrail_config = config
-        self.app = create_app(config, on_fatal=self._stop_on_error)
+        self.app = create_app(config, on_fatal=self._stop_on_error,
+                              rate_limit_file=rate_limit_file)
         if config.server.log_format == "json":
             log_config: dict[str, Any] = json_logging_config(
                 redact_text=bool(config.store.redact))
@@ -112,10 +114,11 @@ class GuardrailServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run_server(config: Config, sockets: list[socket.socket] | None = None) -> GuardrailServer:
+def run_server(config: Config, sockets: list[socket.socket] | None = None,
+               rate_limit_file: Path | None = None) -> GuardrailServer:
     """Serve until stopped, in this process."""
     sys.setswitchinterval(_THREAD_SWITCH_INTERVAL_S)
-    server = GuardrailServer(config)
+    server = GuardrailServer(config, rate_limit_file)
     # A start-up error is reported as one line by the command, not as uvicorn's traceback.
     quiet = _QuietStartupFailure(server)
     uvicorn_logger = logging.getLogger("uvicorn.error")
@@ -143,16 +146,18 @@ class _QuietStartupFailure(logging.Filter):
 # -- several workers -------------------------------------------------------------------------
 
 
-def _worker_main(config_path: str, listener: socket.socket, errors: str) -> None:
+def _worker_main(runtime: str, listener: socket.socket) -> None:
     """A worker process: serve on the shared socket; exit STARTUP_FAILED, its error written
     to the errors folder, if it cannot start."""
-    config = Config.model_validate_json(Path(config_path).read_text(encoding="utf-8"))
+    folder = Path(runtime)
+    config = Config.model_validate_json((folder / "config.json").read_text(encoding="utf-8"))
     configure_logging(config)
-    server = run_server(config, [listener])
+    server = run_server(config, [listener], folder / "rate-limit")
+    errors = folder / "errors"
     if server.startup_error is not None or not server.started:
         message = (str(server.startup_error) if server.startup_error is not None
                    else "a worker failed to start (its log says why)")
-        Path(errors, str(os.getpid())).write_text(message, encoding="utf-8")
+        (errors / str(os.getpid())).write_text(message, encoding="utf-8")
         sys.exit(STARTUP_FAILED)
 
 
@@ -174,6 +179,7 @@ class WorkerSupervisor:
         self.metrics_dir = self.runtime / "metrics"
         self.errors_dir = self.runtime / "errors"
         self.config_path = self.runtime / "config.json"
+        self.rate_limit_path = self.runtime / "rate-limit"
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._stopping = False
@@ -192,6 +198,7 @@ class WorkerSupervisor:
             descriptor = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as file:
                 file.write(self.config.model_dump_json())
+            SharedBuckets.create(self.rate_limit_path)
             # Set before the workers start: prometheus_client reads it as it is imported.
             os.environ[MULTIPROC_ENV] = str(self.metrics_dir)
             listener = _bind(self.config.server.host, self.config.server.port)
@@ -216,7 +223,7 @@ class WorkerSupervisor:
     def _start(self, listener: socket.socket) -> multiprocessing.process.BaseProcess:
         process = self._context.Process(
             target=_worker_main, name="guardrail-worker",
-            args=(str(self.config_path), listener, str(self.errors_dir)))
+            args=(str(self.runtime), listener))
         process.start()
         return process
 

@@ -2,8 +2,9 @@
 per client address when auth is off or the key is not a configured one.
 
 It is ASGI middleware rather than part of the chat route so that a refused request costs no body
-parsing, no upstream call and no case record. Buckets live in memory, per process: with several
-workers each enforces its own limit.
+parsing, no upstream call and no case record. Buckets live in memory (``RateLimiter``), or, for
+the workers of one ``guardrail serve --workers N``, in a file they all map
+(``server/shared_rate_limit.py``), so the limit holds across them. Replicas count apart.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -45,6 +48,11 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.per_second
 
 
+class Buckets(Protocol):
+    def check(self, identity: str) -> float:
+        """Count one request for ``identity``: 0.0 if allowed, else seconds to wait."""
+
+
 class RateLimiter:
     def __init__(self, config: RateLimitConfig,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -71,9 +79,16 @@ class RateLimiter:
 
 class RateLimitMiddleware:
     def __init__(self, app: ASGIApp, server: ServerConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 shared_file: Path | None = None) -> None:
         self.app = app
-        self.limiter = RateLimiter(server.rate_limit, clock)
+        self.limiter: Buckets
+        if shared_file is not None:
+            from server.shared_rate_limit import SharedBuckets
+
+            self.limiter = SharedBuckets(shared_file, server.rate_limit, clock)
+        else:
+            self.limiter = RateLimiter(server.rate_limit, clock)
         self.keys = list(server.api_keys) + [key for _, key in server.named_admin_keys()]
 
     def _identity(self, scope: Scope) -> str:
