@@ -1,0 +1,1 @@
+"""Re-benchmarking: ``guardrail eval`` and ``guardrail eval compare``."""
