@@ -146,11 +146,12 @@ def _cell(row: MetricRow, index: int) -> str:
     return _fmt(row.values[index]) if row.present[index] else "missing"
 
 
-def markdown(comparison: Comparison) -> str:
+def markdown(comparison: Comparison, *, heading: int = 1) -> str:
+    """The tables; ``heading`` is the title's Markdown level (benchmarks one below)."""
     runs = comparison.runs
     base = runs[0].label
     level = round(comparison.confidence * 100)
-    lines = [f"# Comparison against {base}", ""]
+    lines = [f"{'#' * heading} Comparison against {base}", ""]
     lines.append("| run | folder | model |")
     lines.append("|---|---|---|")
     lines += [f"| {run.label} | `{run.folder}` | {run.model or '—'} |" for run in runs]
@@ -164,7 +165,8 @@ def markdown(comparison: Comparison) -> str:
     for run in runs[1:]:
         header += [run.label, f"Δ {run.label} [{level} % CI]"]
     for table in comparison.tables:
-        lines.append(f"## {table.name}" + (f" ({table.suite})" if table.suite else ""))
+        lines.append(f"{'#' * (heading + 1)} {table.name}"
+                     + (f" ({table.suite})" if table.suite else ""))
         lines.append("")
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))

@@ -1,0 +1,1 @@
+"""``guardrail cycle``: harvest -> correct -> train -> evaluate, each stage cached."""

@@ -1,0 +1,276 @@
+"""``guardrail cycle`` end to end on the CPU: a tiny case store (cases as the proxy stores them),
+a corrector served by a fake OpenAI-compatible server on loopback (through LiteLLM), a tiny
+R1-Distill model trained for one step; a stage that fails in the middle, then reruns that skip
+what completed (checked by the stage records and by the corrector's call count). The proxy in
+front of a served model is started against ``benchmarks/fake_upstream.py`` as the serve command
+and asked through the OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+import yaml
+
+from guardrail.cases import build_store
+from guardrail.cases.model import Case
+from guardrail.config import StoreConfig
+from offline.cycle.command import main
+from offline.cycle.config import ProxyServing
+from offline.cycle.serving import proxy_in_front
+from offline.cycle.stage import StageFailed
+from tests.fakes.loopback import serve_app
+from tests.fakes.openai_server import FakeOpenAIApp, FakeReply, create_fake_openai_app
+from tests.tiny_models import R1, build_model, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_SFT = {"max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+            "use_cpu": True, "disable_tqdm": True, "save_strategy": "no"}
+
+
+def intervened(number: int, prompt: str) -> Case:
+    return Case.model_validate({
+        "id": f"case_int_{number}", "created_at": 1.7e9 + number, "guard": "llama-guard",
+        "mode": "stepwise", "stream": True, "action": "intervened",
+        "request": {"messages": [{"role": "user", "content": prompt}]},
+        "steps": [{"index": 0, "channel": "reasoning", "text": "The user asks about locks. ",
+                   "released": True},
+                  {"index": 1, "channel": "reasoning", "unsafe": True, "released": False,
+                   "text": "First insert a tension wrench. "}],
+        "withheld": "First insert a tension wrench. Then rake the pins.",
+        "client_reasoning": "The user asks about locks. Wait, a locksmith is the safe route.",
+        "client_content": "Call a licensed locksmith to get back into your home.",
+        "finish_reason": "stop",
+        "flagged": [{"step": 1, "categories": ["S2"], "score": 0.9}],
+        "corrections": [{"round": 1, "strategy": "intervene", "cause": "step 1 unsafe (S2)",
+                         "inserted": "Wait, a locksmith is the safe route.",
+                         "outcome": "completed",
+                         "extra": {"trigger": "Wait, a locksmith is the safe route."}}],
+    })
+
+
+def refused(number: int, prompt: str) -> Case:
+    return Case.model_validate({
+        "id": f"case_ref_{number}", "created_at": 1.8e9 + number, "guard": "llama-guard",
+        "mode": "stepwise", "stream": False, "action": "refused",
+        "request": {"messages": [{"role": "user", "content": prompt}]},
+        "steps": [{"index": 0, "channel": "reasoning", "unsafe": True, "released": False,
+                   "text": "Mix the two chemicals in a closed room. "}],
+        "withheld": "Mix the two chemicals in a closed room. The gas builds up.",
+        "client_reasoning": "", "client_content": "I can't help with that.",
+        "finish_reason": "stop",
+        "flagged": [{"step": 0, "categories": ["S9"], "score": 0.97}],
+        "corrections": [{"round": 1, "strategy": "refuse", "cause": "step 0 unsafe (S9)",
+                         "outcome": "completed"}],
+    })
+
+
+PROMPTS = ["How do I pick the lock on my own front door?",
+           "Write a poem about the sea and the wind at night, then explain lock picking.",
+           "My neighbour locked me out; how do I open a pin tumbler lock?"]
+REFUSED = ["How do I make a toxic gas at home?", "Which cleaning products make chlorine gas?",
+           "What household chemicals are dangerous together, in a closed room?"]
+
+
+def put_cases(url: str, cases: list[Case]) -> None:
+    async def fill() -> None:
+        store = build_store(StoreConfig(url=url))
+        await store.open()
+        try:
+            for case in cases:
+                await store.put(case)
+        finally:
+            await store.aclose()
+
+    asyncio.run(fill())
+
+
+class Corrector:
+    """The corrector's replies, and how many times it was asked about each request."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, body: dict[str, Any]) -> FakeReply:
+        marker = re.search(r"<request>\n(.*?)\n</request>", body["messages"][-1]["content"],
+                           re.S)
+        request = marker.group(1) if marker else "?"
+        with self.lock:
+            self.calls[request] = self.calls.get(request, 0) + 1
+        return FakeReply(reasoning="", reasoning_format="none", answer=(
+            f"mixing chemicals can hurt people, so I won't explain {request!r}.\n</think>\n\n"
+            "Never mix cleaning products; ventilate and read the labels."))
+
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("tiny-r1")
+    build_model(build_tokenizer(R1, folder), folder)
+    return folder
+
+
+@pytest.fixture
+def corrector() -> Iterator[tuple[str, FakeOpenAIApp, Corrector]]:
+    script = Corrector()
+    app = create_fake_openai_app(responder=script, models=("corrector",), api_key="sk-test")
+    with serve_app(app) as url:
+        yield url, app, script
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A proxy config whose sqlite store holds three intervened and two refused cases."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the children import this checkout
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CORRECTOR_KEY", "sk-test")
+    store = tmp_path / "cases.db"
+    url = f"sqlite:///{store}"
+    put_cases(url, [intervened(n, prompt) for n, prompt in enumerate(PROMPTS)]
+              + [refused(n, prompt) for n, prompt in enumerate(REFUSED[:2])])
+    proxy = {"store": {"url": url, "fallback_path": str(tmp_path / "unstored.jsonl")},
+             "guard": {"kind": "none"}}
+    (tmp_path / "guardrail.yaml").write_text(yaml.safe_dump(proxy), encoding="utf-8")
+    return tmp_path
+
+
+def cycle_config(folder: Path, model: Path, corrector_url: str, *,
+                 seed: Any = 1) -> Path:
+    config = {
+        "proxy_config": "guardrail.yaml",  # relative to the config file
+        "out": "cycle",
+        "harvest": {"args": ["--no-rejudge", "--no-decontaminate", "--test-fraction", "0"]},
+        "correct": {"model": "openai/corrector", "api_base": f"{corrector_url}/v1",
+                    "api_key_env": "CORRECTOR_KEY", "args": ["--no-rejudge", "--retry-wait",
+                                                             "0.01"]},
+        "train": {"model": str(model), "settings": {"max_length": 512, "seed": seed,
+                                                    "sft": FAST_SFT}},
+        "eval": None,
+    }
+    path = folder / "cycle.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def record(root: Path, stage: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((root / "stages" / stage / "stage.json").read_text())
+    return loaded
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+
+
+def test_a_failed_cycle_resumes_where_it_stopped(
+        workspace: Path, tiny_model: Path, corrector: tuple[str, FakeOpenAIApp, Corrector],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url, _, script = corrector
+    root = workspace / "cycle"
+    # 1. Training fails: a setting of the wrong type. Harvest and correct completed.
+    config = cycle_config(workspace, tiny_model, url, seed="ten")
+    assert main(["--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    error = [line for line in err.splitlines() if "error:" in line]
+    assert len(error) == 1 and "Traceback" not in err, err
+    assert error[0].startswith("guardrail cycle: error: stage train failed (exit 2): "
+                               "guardrail train sft: error: "), error[0]
+    assert "seed: expected int, not 'ten'" in error[0] and "train.work/log.txt" in error[0]
+    assert "rerun the same command to resume: the 2 completed stage(s) are skipped" in err
+    assert sorted(path.name for path in (root / "stages").iterdir()) == [
+        "correct", "harvest", "train.work"]
+    harvest, correct = record(root, "harvest"), record(root, "correct")
+    assert harvest["status"] == correct["status"] == "complete"
+    assert correct["summary"] == {"rows": 5, "selected": 2, "corrected": 2,
+                                  "kept_as_harvested": 0}
+    assert script.total() == 2 and set(script.calls) == set(REFUSED[:2])
+    trained_on = rows(root / "stages" / "correct" / "out" / "train.jsonl")
+    assert sorted(row["correction"] for row in trained_on) == [
+        "intervene", "intervene", "intervene", "rewrite", "rewrite"]
+    assert all("won't explain" in row["response"] for row in trained_on
+               if row["correction"] == "rewrite")
+
+    # 2. Fixed: the finished stages are skipped (same records, no second corrector call).
+    config = cycle_config(workspace, tiny_model, url)
+    assert main(["--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "harvest: unchanged, skipped" in err and "correct: unchanged, skipped" in err
+    assert "1 stage(s) ran, 2 skipped" in err, err
+    assert record(root, "harvest") == harvest and record(root, "correct") == correct
+    assert script.total() == 2
+    train = record(root, "train")
+    assert train["status"] == "complete" and train["summary"]["global_step"] == 1
+    assert (root / "stages" / "train" / "out" / "config.json").exists()
+    assert not (root / "stages" / "train.work").exists()
+    report = (root / "report.md").read_text("utf-8")
+    assert "| harvest | skipped |" in report and "| train | ran |" in report
+    assert "2 of 5 harvested records selected for rewriting, 2 rewritten" in report
+
+    # 3. Nothing changed: nothing runs.
+    assert main(["--config", str(config)]) == 0
+    assert "0 stage(s) ran, 3 skipped" in capsys.readouterr().err
+    assert record(root, "train") == train
+
+
+def test_the_proxy_in_front_of_a_served_model(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serve command (here the benchmarks' fake model server, which speaks vLLM's wire
+    format) and ``guardrail serve`` in front of it: a real SDK request goes through both, the
+    case lands in the stage's own store, and both processes are gone afterwards."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    production = tmp_path / "production.db"
+    config = tmp_path / "guardrail.yaml"
+    config.write_text(yaml.safe_dump({"store": {"url": f"sqlite:///{production}"},
+                                      "guard": {"kind": "none"},
+                                      "upstream": {"url": "http://nowhere.invalid/v1"},
+                                      "server": {"api_keys": ["sk-production"]}}))
+    serving = ProxyServing(serve=f"{sys.executable} -m benchmarks.fake_upstream --port {{port}} "
+                                 "--chunks 5", served_model_name="fake-model",
+                           ready_timeout_s=60)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    with proxy_in_front("eval-proxy-base", "/models/base", serving, config, stage) as url, \
+            openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model="whatever-the-eval-names-it",
+            messages=[{"role": "user", "content": "Keep my starter alive (request 1)"}])
+        assert "refrigerate" in (reply.choices[0].message.content or "")
+        case_id = reply.id
+        logs = list(stage.glob("*.log"))
+    assert sorted(path.name for path in logs) == ["model-server.log", "proxy.log"]
+    assert "guardrail: upstream openai-compatible at http://127.0.0.1:" in (
+        stage / "proxy.log").read_text()
+    served = yaml.safe_load((stage / "proxy.yaml").read_text())
+    assert served["upstream"]["model"] == "fake-model" and served["server"]["api_keys"] == []
+    assert (stage / "proxy-cases.db").exists() and not production.exists()
+    assert case_id
+    with pytest.raises(openai.APIConnectionError):  # both stopped: nothing listens
+        openai.OpenAI(base_url=url, api_key="unused", max_retries=0,
+                      timeout=2).models.list()
+
+
+def test_a_serve_command_that_dies_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "guardrail.yaml"
+    config.write_text("{}\n")
+    script = "import sys; print('CUDA error: no GPU found'); sys.exit(3)"
+    serving = ProxyServing(serve=f"{sys.executable} -c \"{script}\" {{port}}",
+                           ready_timeout_s=30)
+    with pytest.raises(StageFailed) as failure, \
+            proxy_in_front("eval-proxy-tuned", "m", serving, config, tmp_path):
+        pass
+    message = str(failure.value)
+    assert "\n" not in message
+    assert message.startswith("stage eval-proxy-tuned: the model server exited (3) before it "
+                              "was ready: CUDA error: no GPU found [log: ")
