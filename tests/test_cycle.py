@@ -8,11 +8,14 @@ and asked through the OpenAI SDK."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import re
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +126,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def corrector() -> Iterator[tuple[str, FakeOpenAIApp, Corrector]]:
     script = Corrector()
     app = create_fake_openai_app(responder=script, models=("corrector",), api_key="sk-test")
@@ -131,24 +134,30 @@ def corrector() -> Iterator[tuple[str, FakeOpenAIApp, Corrector]]:
         yield url, app, script
 
 
-@pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A proxy config whose sqlite store holds three intervened and two refused cases."""
+@pytest.fixture(scope="module")
+def child_env() -> Iterator[None]:
+    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the children import this checkout
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CORRECTOR_KEY", "sk-test")
-    store = tmp_path / "cases.db"
+    yield
+    monkeypatch.undo()
+
+
+def make_workspace(folder: Path) -> Path:
+    """A proxy config whose sqlite store holds three intervened and two refused cases."""
+    store = folder / "cases.db"
     url = f"sqlite:///{store}"
     put_cases(url, [intervened(n, prompt) for n, prompt in enumerate(PROMPTS)]
               + [refused(n, prompt) for n, prompt in enumerate(REFUSED[:2])])
-    proxy = {"store": {"url": url, "fallback_path": str(tmp_path / "unstored.jsonl")},
+    proxy = {"store": {"url": url, "fallback_path": str(folder / "unstored.jsonl")},
              "guard": {"kind": "none"}}
-    (tmp_path / "guardrail.yaml").write_text(yaml.safe_dump(proxy), encoding="utf-8")
-    return tmp_path
+    (folder / "guardrail.yaml").write_text(yaml.safe_dump(proxy), encoding="utf-8")
+    return folder
 
 
-def cycle_config(folder: Path, model: Path, corrector_url: str, *,
-                 seed: Any = 1) -> Path:
+def cycle_config(folder: Path, model: Path, corrector_url: str, *, seed: Any = 1,
+                 evaluation: dict[str, Any] | None = None) -> Path:
     config = {
         "proxy_config": "guardrail.yaml",  # relative to the config file
         "out": "cycle",
@@ -158,7 +167,7 @@ def cycle_config(folder: Path, model: Path, corrector_url: str, *,
                                                              "0.01"]},
         "train": {"model": str(model), "settings": {"max_length": 512, "seed": seed,
                                                     "sft": FAST_SFT}},
-        "eval": None,
+        "eval": evaluation,
     }
     path = folder / "cycle.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -174,54 +183,93 @@ def rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
 
 
-def test_a_failed_cycle_resumes_where_it_stopped(
-        workspace: Path, tiny_model: Path, corrector: tuple[str, FakeOpenAIApp, Corrector],
-        capsys: pytest.CaptureFixture[str]) -> None:
+def cycle(config: Path) -> tuple[int, str]:
+    """``guardrail cycle --config`` in this process; (status, what it wrote on stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(["--config", str(config)])
+    return status, err.getvalue()
+
+
+@dataclass
+class Steps:
+    """What the module's cycle did, step by step (tests read it; the eval test goes on)."""
+
+    workspace: Path
+    root: Path
+    results: list[tuple[int, str]] = field(default_factory=list)
+    records: list[dict[str, dict[str, Any]]] = field(default_factory=list)
+    corrector_calls: list[int] = field(default_factory=list)
+    listing: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, child_env: None,
+          corrector: tuple[str, FakeOpenAIApp, Corrector]) -> Steps:
+    """1. training fails (a setting of the wrong type) after harvest and correct completed;
+    2. the config fixed, the cycle reruns; 3. nothing changed, it reruns again."""
     url, _, script = corrector
-    root = workspace / "cycle"
-    # 1. Training fails: a setting of the wrong type. Harvest and correct completed.
-    config = cycle_config(workspace, tiny_model, url, seed="ten")
-    assert main(["--config", str(config)]) == 1
-    err = capsys.readouterr().err
+    workspace = make_workspace(tmp_path_factory.mktemp("cycle"))
+    done = Steps(workspace, workspace / "cycle")
+    for seed in ("ten", 1, 1):
+        done.results.append(cycle(cycle_config(workspace, tiny_model, url, seed=seed)))
+        done.records.append({path.name: json.loads((path / "stage.json").read_text())
+                             for path in (done.root / "stages").iterdir()
+                             if (path / "stage.json").exists()})
+        done.corrector_calls.append(script.total())
+        if not done.listing:
+            done.listing = sorted(path.name for path in (done.root / "stages").iterdir())
+    return done
+
+
+def test_a_failed_cycle_resumes_where_it_stopped(steps: Steps) -> None:
+    # 1. Training failed: one line naming the stage, its own error and its log.
+    status, err = steps.results[0]
+    assert status == 1
     error = [line for line in err.splitlines() if "error:" in line]
     assert len(error) == 1 and "Traceback" not in err, err
     assert error[0].startswith("guardrail cycle: error: stage train failed (exit 2): "
                                "guardrail train sft: error: "), error[0]
     assert "seed: expected int, not 'ten'" in error[0] and "train.work/log.txt" in error[0]
     assert "rerun the same command to resume: the 2 completed stage(s) are skipped" in err
-    assert sorted(path.name for path in (root / "stages").iterdir()) == [
-        "correct", "harvest", "train.work"]
-    harvest, correct = record(root, "harvest"), record(root, "correct")
+    assert steps.listing == ["correct", "harvest", "train.work"]
+    harvest, correct = steps.records[0]["harvest"], steps.records[0]["correct"]
     assert harvest["status"] == correct["status"] == "complete"
     assert correct["summary"] == {"rows": 5, "selected": 2, "corrected": 2,
                                   "kept_as_harvested": 0}
-    assert script.total() == 2 and set(script.calls) == set(REFUSED[:2])
-    trained_on = rows(root / "stages" / "correct" / "out" / "train.jsonl")
-    assert sorted(row["correction"] for row in trained_on) == [
-        "intervene", "intervene", "intervene", "rewrite", "rewrite"]
-    assert all("won't explain" in row["response"] for row in trained_on
-               if row["correction"] == "rewrite")
+    assert steps.corrector_calls[0] == 2
 
     # 2. Fixed: the finished stages are skipped (same records, no second corrector call).
-    config = cycle_config(workspace, tiny_model, url)
-    assert main(["--config", str(config)]) == 0
-    err = capsys.readouterr().err
+    status, err = steps.results[1]
+    assert status == 0, err
     assert "harvest: unchanged, skipped" in err and "correct: unchanged, skipped" in err
     assert "1 stage(s) ran, 2 skipped" in err, err
-    assert record(root, "harvest") == harvest and record(root, "correct") == correct
-    assert script.total() == 2
-    train = record(root, "train")
+    assert steps.records[1]["harvest"] == harvest and steps.records[1]["correct"] == correct
+    assert steps.corrector_calls[1] == 2
+    train = steps.records[1]["train"]
     assert train["status"] == "complete" and train["summary"]["global_step"] == 1
-    assert (root / "stages" / "train" / "out" / "config.json").exists()
-    assert not (root / "stages" / "train.work").exists()
-    report = (root / "report.md").read_text("utf-8")
-    assert "| harvest | skipped |" in report and "| train | ran |" in report
-    assert "2 of 5 harvested records selected for rewriting, 2 rewritten" in report
+    assert train["commands"][0][3:5] == ["train", "sft"]
 
     # 3. Nothing changed: nothing runs.
-    assert main(["--config", str(config)]) == 0
-    assert "0 stage(s) ran, 3 skipped" in capsys.readouterr().err
-    assert record(root, "train") == train
+    status, err = steps.results[2]
+    assert status == 0 and "0 stage(s) ran, 3 skipped" in err, err
+    assert steps.records[2]["train"] == train and steps.corrector_calls[2] == 2
+
+
+def test_the_cycle_trains_on_the_corrected_records(steps: Steps) -> None:
+    trained_on = rows(steps.root / "stages" / "correct" / "out" / "train.jsonl")
+    assert sorted(row["correction"] for row in trained_on) == [
+        "intervene", "intervene", "intervene", "rewrite", "rewrite"]
+    rewritten = [row for row in trained_on if row["correction"] == "rewrite"]
+    assert {row["prompt"] for row in rewritten} == set(REFUSED[:2])
+    assert all("won't explain" in row["response"] for row in rewritten)
+    data = steps.records[1]["train"]["commands"][0]
+    assert data[data.index("--data") + 1].endswith("stages/correct/out/train.jsonl")
+    assert (steps.root / "stages" / "train" / "out" / "config.json").exists()
+    report = (steps.root / "report.md").read_text("utf-8")
+    assert "| harvest | skipped |" in report and "| train | skipped |" in report
+    assert "2 of 5 harvested records selected for rewriting, 2 rewritten" in report
+    assert "Training: global_step 1" in report
 
 
 def test_the_proxy_in_front_of_a_served_model(tmp_path: Path,

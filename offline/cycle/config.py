@@ -72,8 +72,10 @@ class ProxyServing:
 
 @dataclass
 class EvalStage:
-    suite: str = "safety"
-    judge: str | None = None
+    suite: list[str] = field(default_factory=lambda: ["safety"])
+    """Suites or benchmark names (``guardrail eval --suite``)."""
+    judge: list[str] = field(default_factory=list)
+    """Each a ``guardrail eval --judge``: a guard (kind or config .yaml) or a judge model."""
     limit: int | None = None
     data_dir: str | None = None
     config: str | None = None
@@ -175,6 +177,10 @@ def _rebase(config: CycleConfig, folder: Path) -> None:
             value = getattr(owner, key[-1])
             if value and not Path(value).is_absolute():
                 setattr(owner, key[-1], str(folder / value))
+    # A judge is a guard kind, a model name or a guard's .yaml: only a file here is a path.
+    if config.eval is not None:
+        config.eval.judge = [str(folder / judge) if (folder / judge).is_file() else judge
+                             for judge in config.eval.judge]
     # A model is a folder or a hub id: only a relative name that is a folder here is a path.
     if config.train.model and (folder / config.train.model).is_dir():
         config.train.model = str(folder / config.train.model)

@@ -230,6 +230,8 @@ class Cycle:
                 "config": settings.config,
                 "config_fingerprint": (path_fingerprint(Path(settings.config))
                                        if settings.config else None),
+                "judge_fingerprints": {judge: path_fingerprint(Path(judge))
+                                       for judge in settings.judge if Path(judge).is_file()},
                 "args": settings.args, "versions": package_versions(VERSIONS["eval"]),
             }
         except OSError as error:
@@ -244,9 +246,11 @@ class Cycle:
                                "endpoint": settings.endpoint}
 
         def command(work: Path, target: str) -> list[str]:
-            argv = guardrail_command("eval", "--model", target, "--suite", settings.suite,
+            argv = guardrail_command("eval", "--model", target, "--suite", *settings.suite,
                                      "--out", str(work / "out"))
-            for flag, value in (("--judge", settings.judge), ("--limit", settings.limit),
+            for judge in settings.judge:
+                argv += ["--judge", judge]
+            for flag, value in (("--limit", settings.limit),
                                 ("--data-dir", settings.data_dir),
                                 ("--config", settings.config)):
                 if value is not None:
