@@ -17,11 +17,20 @@ from offline.cycle.stage import StageOutcome
 from offline.cycle.stages import EVAL_LABELS
 
 
+# The figures of each train command's summary (sft: training_summary.json, dpo:
+# dpo_summary.json), in the order shown.
+_TRAINING_KEYS = ("global_step", "steps", "rows", "rows_used", "records_dropped",
+                  "records_skipped", "rows_skipped", "rows_truncated_away", "tokens_seen",
+                  "training_loss", "train_loss", "saved")
+
+
 def _training_line(summary: dict[str, Any]) -> str:
-    shown = {key: summary[key] for key in ("global_step", "rows", "records_dropped",
-                                           "records_skipped", "train_loss", "saved")
-             if key in summary}
-    return ", ".join(f"{key} {value}" for key, value in shown.items()) or "no summary"
+    shown = []
+    for key in _TRAINING_KEYS:
+        if key in summary and summary[key] is not None:
+            value = summary[key]
+            shown.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(shown) or "no summary"
 
 
 def write_report(root: Path, outcomes: dict[str, StageOutcome], *, resamples: int = 10_000,
