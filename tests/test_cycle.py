@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import io
 import json
+import os
 import re
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,10 +137,29 @@ def corrector() -> Iterator[tuple[str, FakeOpenAIApp, Corrector]]:
         yield url, app, script
 
 
+def entry_points_as_installed(folder: Path) -> Path:
+    """This checkout's pyproject.toml commands as an install would list them: a dist-info
+    ahead of the real one on the path (the first of a name wins), so that the cycle's check and
+    its children see commands added since the venv was installed (cycle, eval)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+    info = folder / f"reasoning_guardrail-{project['version']}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\n"
+                                   f"Version: {project['version']}\n", encoding="utf-8")
+    commands = project["entry-points"]["guardrail.commands"]
+    (info / "entry_points.txt").write_text(
+        "[guardrail.commands]\n" + "".join(f"{name} = {value}\n"
+                                            for name, value in commands.items()), "utf-8")
+    return folder
+
+
 @pytest.fixture(scope="module")
-def child_env() -> Iterator[None]:
+def child_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    site = entry_points_as_installed(tmp_path_factory.mktemp("site"))
     monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the children import this checkout
+    monkeypatch.syspath_prepend(str(site))
+    # The children import this checkout, and see its commands.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(site)]))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CORRECTOR_KEY", "sk-test")
     yield
@@ -270,6 +292,52 @@ def test_the_cycle_trains_on_the_corrected_records(steps: Steps) -> None:
     assert "| harvest | skipped |" in report and "| train | skipped |" in report
     assert "2 of 5 harvested records selected for rewriting, 2 rewritten" in report
     assert "Training: global_step 1" in report
+
+
+EVAL_LANDED = importlib.util.find_spec("offline.eval.command") is not None
+
+
+@pytest.mark.skipif(not EVAL_LANDED, reason="the eval stages need guardrail eval "
+                    "(offline/eval/command.py, branch wt-evalcore), not on this branch yet")
+def test_the_cycle_evaluates_base_tuned_and_the_proxy_in_front(
+        steps: Steps, tiny_model: Path, corrector: tuple[str, FakeOpenAIApp, Corrector]) -> None:
+    """The same cycle with evaluation on: harvest, correct and train are skipped; the base and
+    tuned models are evaluated with transformers, the tuned one also behind the proxy (served by
+    the fake model server); the report compares them; a rerun runs nothing."""
+    data = steps.workspace / "data" / "math_benchmarks"
+    data.mkdir(parents=True)
+    (data / "gsm8k_test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [
+        {"question": "Janet has 18 eggs. How many?", "answer": "so\n#### 18"},
+        {"question": "Two bolts and one more?", "answer": "so\n#### 3"}]), encoding="utf-8")
+    evaluation = {
+        "suite": ["gsm8k"], "limit": 2, "data_dir": "data",
+        "args": ["--max-tokens", "8", "--display", "none"],
+        "proxy": {"serve": f"{sys.executable} -m benchmarks.fake_upstream --port {{port}} "
+                           "--chunks 4", "served_model_name": "fake-model",
+                  "ready_timeout_s": 60, "models": ["tuned"]},
+    }
+    config = cycle_config(steps.workspace, tiny_model, corrector[0], evaluation=evaluation)
+    status, err = cycle(config)
+    assert status == 0, err
+    assert "3 stage(s) ran, 3 skipped" in err, err
+    root = steps.root
+    for name in ("eval-base", "eval-tuned", "eval-proxy-tuned"):
+        stage = record(root, name)
+        assert stage["status"] == "complete"
+        summary = json.loads((root / "stages" / name / "out" / "summary.json").read_text())
+        assert summary["benchmarks"]["gsm8k"]["n_items"] == 2
+    command = record(root, "eval-tuned")["commands"][0]
+    assert command[command.index("--model") + 1] == str(root / "stages" / "train" / "out")
+    behind = record(root, "eval-proxy-tuned")["commands"][0]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", behind[behind.index("--model") + 1])
+    assert (root / "stages" / "eval-proxy-tuned" / "proxy-cases.db").exists()
+    report = (root / "report.md").read_text("utf-8")
+    assert "### Comparison against base" in report and "#### gsm8k (reasoning)" in report
+    compared = json.loads((root / "report" / "compare.json").read_text())
+    assert [run["label"] for run in compared["runs"]] == ["base", "tuned", "proxy+tuned"]
+    assert (root / "report" / "plots" / "gsm8k.png").exists()
+    status, err = cycle(config)
+    assert status == 0 and "0 stage(s) ran, 6 skipped" in err, err
 
 
 def test_the_proxy_in_front_of_a_served_model(tmp_path: Path,

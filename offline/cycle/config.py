@@ -68,6 +68,8 @@ class ProxyServing:
     """The name the serve command serves the model under (default: ``{model}``'s value, as
     vLLM does); the proxy sends every request upstream under this name."""
     ready_timeout_s: float = 600.0
+    models: list[str] = field(default_factory=lambda: ["base", "tuned"])
+    """Which models to evaluate behind the proxy: ``base``, ``tuned`` or both."""
 
 
 @dataclass
@@ -215,6 +217,10 @@ def check(config: CycleConfig) -> None:
             if "{port}" not in proxy.serve:
                 raise CycleConfigError("eval.proxy.serve: a command template holding {port} "
                                        "(and {model}), e.g. 'vllm serve {model} --port {port}'")
+            unknown = [name for name in proxy.models if name not in ("base", "tuned")]
+            if unknown or not proxy.models:
+                raise CycleConfigError(f"eval.proxy.models: base and/or tuned, not "
+                                       f"{proxy.models!r}")
             if proxy.ready_timeout_s <= 0:
                 raise CycleConfigError("eval.proxy.ready_timeout_s: more than 0")
 

@@ -98,8 +98,11 @@ class Cycle:
             self.evaluate("eval-base", base_model, evaluation, behind_proxy=False)
             self.evaluate("eval-tuned", tuned_model, evaluation, behind_proxy=False)
             if evaluation.proxy is not None:
-                self.evaluate("eval-proxy-base", base_model, evaluation, behind_proxy=True)
-                self.evaluate("eval-proxy-tuned", tuned_model, evaluation, behind_proxy=True)
+                models = {"base": base_model, "tuned": tuned_model}
+                for which in ("base", "tuned"):
+                    if which in evaluation.proxy.models:
+                        self.evaluate(f"eval-proxy-{which}", models[which], evaluation,
+                                      behind_proxy=True)
         return self.outcomes
 
     # -- harvest --------------------------------------------------------------------------------
