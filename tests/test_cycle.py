@@ -146,10 +146,10 @@ def entry_points_as_installed(folder: Path) -> Path:
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\n"
                                    f"Version: {project['version']}\n", encoding="utf-8")
-    commands = project["entry-points"]["guardrail.commands"]
-    (info / "entry_points.txt").write_text(
-        "[guardrail.commands]\n" + "".join(f"{name} = {value}\n"
-                                            for name, value in commands.items()), "utf-8")
+    groups = {"console_scripts": project.get("scripts", {}), **project["entry-points"]}
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in entries.items())
+        for group, entries in groups.items()), "utf-8")
     return folder
 
 

@@ -9,13 +9,11 @@ and plots. Written anew after every cycle run, skipped stages included: it costs
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from offline.cycle.stage import StageOutcome
 from offline.cycle.stages import EVAL_LABELS
-
 
 # The figures of each train command's summary (sft: training_summary.json, dpo:
 # dpo_summary.json), in the order shown.
@@ -39,14 +37,19 @@ def write_report(root: Path, outcomes: dict[str, StageOutcome], *, resamples: in
              "| stage | this run | finished | seconds | input hash |", "|---|---|---|---|---|"]
     for name, outcome in outcomes.items():
         record = outcome.record
+        seconds = record.get("seconds")
+        took = f"{seconds:.1f}" if isinstance(seconds, int | float) else "?"
         lines.append(f"| {name} | {outcome.status} | {record.get('finished_at', '?')} | "
-                     f"{record.get('seconds', '?')} | `{str(record.get('input_hash', ''))[:12]}` |")
+                     f"{took} | `{str(record.get('input_hash', ''))[:12]}` |")
     lines += ["", "\"skipped\": its inputs (settings, input files, package versions) hashed to "
               "the same value as a completed earlier run, whose output was kept.", ""]
     harvest = outcomes.get("harvest")
     if harvest is not None:
-        funnel = harvest.record.get("summary", {}).get("funnel")
-        lines += ["## Data", "", f"Harvest funnel: `{json.dumps(funnel)}`", ""]
+        funnel = harvest.record.get("summary", {}).get("funnel") or []
+        steps = " -> ".join(f"{stage.get('kept')} {stage.get('filter')}" for stage in funnel
+                            if isinstance(stage, dict))
+        lines += ["## Data", "", f"Harvest: {steps or 'no funnel'} (records left after each "
+                  "filter; the card in `stages/harvest/out/README.md` gives the reasons).", ""]
     correct = outcomes.get("correct")
     if correct is not None:
         summary = correct.record.get("summary", {})
