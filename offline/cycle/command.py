@@ -4,7 +4,8 @@ model, the tuned model and (optionally) the proxy in front of each -> one report
 Each stage runs the project's own command in a child process and is cached under
 ``DIR/stages/``: a stage whose inputs did not change since it last completed is skipped, so a
 cycle that failed resumes where it stopped. The report is ``DIR/report.md``. Exit status: 0
-done, 1 a stage failed (one line naming it, its last output and its log), 2 a bad config.
+done, 1 a stage failed (one line naming it, its last output and its log), 2 a bad config, 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         _say(f"rerun the same command to resume: the {len(cycle.outcomes)} completed stage(s) "
              "are skipped")
         return 1
+    except KeyboardInterrupt:  # the child got the same SIGINT; its servers were stopped
+        _say(f"interrupted; rerun the same command to resume: the {len(cycle.outcomes)} "
+             "completed stage(s) are skipped")
+        return 130
     report = write_report(root, cycle.outcomes, seed=args.seed)
     ran = sum(outcome.status == "ran" for outcome in cycle.outcomes.values())
     _say(f"{ran} stage(s) ran, {len(cycle.outcomes) - ran} skipped; report: {report}")

@@ -11,6 +11,7 @@ completed.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ class Cycle:
             "proxy_config": config.proxy_config, "proxy_config_fingerprint": proxy,
             "store": url.split("@")[-1],  # no password in the record
             # A store that cannot be fingerprinted is harvested every time: a new nonce.
-            "store_fingerprint": fingerprint or f"unhashable:{id(self)}:{_now()}",
+            "store_fingerprint": fingerprint or f"unhashable:{time.time()}",
             "args": config.harvest.args, "versions": package_versions(VERSIONS["harvest"]),
         }
 
@@ -277,9 +278,3 @@ def _key(row: dict[str, Any]) -> str:
     """A record's identity across correct: its case id (carried over), else its prompt."""
     case_id = row.get("case_id")
     return f"case:{case_id}" if case_id else f"prompt:{row.get('prompt')}"
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
