@@ -15,11 +15,9 @@ from typing import Any
 from offline.cycle.stage import StageOutcome
 from offline.cycle.stages import EVAL_LABELS
 
-# The figures of each train command's summary (sft: training_summary.json, dpo:
-# dpo_summary.json), in the order shown.
-_TRAINING_KEYS = ("global_step", "steps", "rows", "rows_used", "records_dropped",
-                  "records_skipped", "rows_skipped", "rows_truncated_away", "tokens_seen",
-                  "training_loss", "train_loss", "saved")
+# The figures of the train command's training_summary.json (sft and dpo), in the order shown.
+_TRAINING_KEYS = ("global_step", "rows", "records_dropped", "records_skipped", "tokens_seen",
+                  "training_loss", "saved")
 
 
 def _training_line(summary: dict[str, Any]) -> str:

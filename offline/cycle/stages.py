@@ -209,11 +209,14 @@ class Cycle:
             argv = guardrail_command("train", settings.method, "--config", str(config_file),
                                      "--data", str(data), "--model", settings.model, "--out",
                                      str(out), *settings.args)
-            if out.exists():  # an earlier try of these same inputs that failed part way
+            # An earlier try of these same inputs stopped part way: SFT continues from its
+            # last checkpoint; anything else starts again.
+            if settings.method == "sft" and any((out / "checkpoints").glob("checkpoint-*")):
+                argv.append("--resume")
+            elif out.exists():
                 argv.append("--overwrite")
             run_command(name, argv, work)
-            summary_file = out / ("training_summary.json" if settings.method == "sft"
-                                  else "dpo_summary.json")
+            summary_file = out / "training_summary.json"
             summary = (json.loads(summary_file.read_text("utf-8")) if summary_file.exists()
                        else {})
             return StageRun([argv], summary)
