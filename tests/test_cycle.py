@@ -113,6 +113,9 @@ class Corrector:
         request = marker.group(1) if marker else "?"
         with self.lock:
             self.calls[request] = self.calls.get(request, 0) + 1
+        if request == REFUSED[1]:  # never closes its reasoning: correct rejects it
+            return FakeReply(reasoning="", reasoning_format="none",
+                             answer="Chlorine gas forms when, well, let me think more")
         return FakeReply(reasoning="", reasoning_format="none", answer=(
             f"mixing chemicals can hurt people, so I won't explain {request!r}.\n</think>\n\n"
             "Never mix cleaning products; ventilate and read the labels."))
@@ -257,8 +260,8 @@ def test_a_failed_cycle_resumes_where_it_stopped(steps: Steps) -> None:
     assert steps.listing == ["correct", "harvest", "train.work"]
     harvest, correct = steps.records[0]["harvest"], steps.records[0]["correct"]
     assert harvest["status"] == correct["status"] == "complete"
-    assert correct["summary"] == {"rows": 5, "selected": 2, "corrected": 2,
-                                  "kept_as_harvested": 0}
+    assert correct["summary"] == {"rows": 5, "selected": 2, "corrected": 1,
+                                  "kept_as_harvested": 1}
     assert steps.corrector_calls[0] == 2
 
     # 2. Fixed: the finished stages are skipped (same records, no second corrector call).
@@ -280,17 +283,23 @@ def test_a_failed_cycle_resumes_where_it_stopped(steps: Steps) -> None:
 
 def test_the_cycle_trains_on_the_corrected_records(steps: Steps) -> None:
     trained_on = rows(steps.root / "stages" / "correct" / "out" / "train.jsonl")
+    # The refusal whose rewrite was rejected stays as harvested: nothing is lost.
+    by_prompt = {row["prompt"]: row for row in trained_on}
     assert sorted(row["correction"] for row in trained_on) == [
-        "intervene", "intervene", "intervene", "rewrite", "rewrite"]
-    rewritten = [row for row in trained_on if row["correction"] == "rewrite"]
-    assert {row["prompt"] for row in rewritten} == set(REFUSED[:2])
-    assert all("won't explain" in row["response"] for row in rewritten)
+        "intervene", "intervene", "intervene", "refuse", "rewrite"]
+    assert "won't explain" in by_prompt[REFUSED[0]]["response"]
+    assert by_prompt[REFUSED[0]]["case_id"] == "case_ref_0"
+    assert by_prompt[REFUSED[1]]["correction"] == "refuse"
+    assert "I can't help with that." in by_prompt[REFUSED[1]]["response"]
+    rejected = steps.root / "cache" / "correct" / "corrected.jsonl.rejected.jsonl"
+    assert REFUSED[1] in rejected.read_text("utf-8")
     data = steps.records[1]["train"]["commands"][0]
     assert data[data.index("--data") + 1].endswith("stages/correct/out/train.jsonl")
     assert (steps.root / "stages" / "train" / "out" / "config.json").exists()
     report = (steps.root / "report.md").read_text("utf-8")
     assert "| harvest | skipped |" in report and "| train | skipped |" in report
-    assert "2 of 5 harvested records selected for rewriting, 2 rewritten" in report
+    assert ("2 of 5 harvested records selected for rewriting, 1 rewritten, 1 kept as "
+            "harvested") in report
     assert "Training: global_step 1" in report
 
 
