@@ -4,6 +4,7 @@ items.jsonl)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -261,3 +262,18 @@ def test_runs_as_a_module(runs: tuple[Path, Path, Path]) -> None:
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "| harmful_rate_full | 0.600 | 0.100 | -0.500 [" in result.stdout
+
+
+def test_guardrail_eval_compare_is_a_subcommand_of_eval(
+        runs: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Registered through guardrail eval's subcommand hook, as the ``guardrail`` parser builds
+    it; ``guardrail eval --model ...`` keeps its own handler."""
+    from offline.eval.command import add_eval_parser, run_eval
+
+    parser = argparse.ArgumentParser(prog="guardrail")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    base, tuned, _ = runs
+    args = parser.parse_args(["eval", "compare", str(base), str(tuned), "--resamples", "100"])
+    assert args.handler(args) == 0
+    assert "| harmful_rate_full | 0.600 | 0.100 | -0.500 [" in capsys.readouterr().out
+    assert parser.parse_args(["eval", "--model", "m"]).handler is run_eval

@@ -8,7 +8,7 @@ Exit status: 0 when every benchmark finished, 1 when some did not (rerun the sam
 resume), 2 for bad input (one line on stderr), 130 when interrupted (rerun to resume).
 
 Nested subcommands hang off the same parser: ``add_eval_subcommands`` is the hook where
-``guardrail eval compare DIR…`` registers (not in this module).
+``guardrail eval compare DIR…`` registers (offline/eval/compare.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ import yaml
 
 from offline.eval.errors import EvalError
 
-EVAL_SUBCOMMANDS: list[Callable[[Any], None]] = []
+
+def _add_compare(subcommands: Any) -> None:
+    from offline.eval.compare import add_compare_parser
+
+    add_compare_parser(subcommands)
+
+
+EVAL_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_compare]
 """Registrars for ``guardrail eval SUBCOMMAND``: each takes the subparsers object and adds its
-parser (setting ``handler``). ``guardrail eval compare`` is added here at merge."""
+parser (setting ``handler``): ``guardrail eval compare`` (offline/eval/compare.py)."""
 
 
 def add_eval_subcommands(subcommands: Any) -> None:
