@@ -3,7 +3,7 @@ a corrector served by a fake OpenAI-compatible server on loopback (through LiteL
 R1-Distill model trained for one step; a stage that fails in the middle, then reruns that skip
 what completed (checked by the stage records and by the corrector's call count). The proxy in
 front of a served model is started against ``benchmarks/fake_upstream.py`` as the serve command
-and asked through the OpenAI SDK."""
+and evaluated through."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import sys
 import threading
 import tomllib
@@ -337,9 +338,28 @@ def test_the_cycle_evaluates_base_tuned_and_the_proxy_in_front(
         assert summary["benchmarks"]["gsm8k"]["n_items"] == 2
     command = record(root, "eval-tuned")["commands"][0]
     assert command[command.index("--model") + 1] == str(root / "stages" / "train" / "out")
+    # Behind the proxy: eval asked it (never the production store, whose cases stay five),
+    # and it asked the served model under its served name; both are stopped.
     behind = record(root, "eval-proxy-tuned")["commands"][0]
-    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", behind[behind.index("--model") + 1])
-    assert (root / "stages" / "eval-proxy-tuned" / "proxy-cases.db").exists()
+    endpoint = behind[behind.index("--model") + 1]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", endpoint)
+    proxied = root / "stages" / "eval-proxy-tuned"
+    with contextlib.closing(sqlite3.connect(proxied / "proxy-cases.db")) as database:
+        assert database.execute("SELECT count(*) FROM cases").fetchone()[0] == 2
+    with contextlib.closing(sqlite3.connect(steps.workspace / "cases.db")) as database:
+        assert database.execute("SELECT count(*) FROM cases").fetchone()[0] == 5
+    served = yaml.safe_load((proxied / "proxy.yaml").read_text())
+    assert served["upstream"]["model"] == "fake-model" and served["server"]["api_keys"] == []
+    assert served["guard"] == {"kind": "none"}  # the rest is the user's proxy config
+    assert "guardrail: upstream openai-compatible at http://127.0.0.1:" in (
+        proxied / "proxy.log").read_text()
+    with pytest.raises(openai.APIConnectionError):  # both stopped: nothing listens
+        openai.OpenAI(base_url=endpoint, api_key="unused", max_retries=0,
+                      timeout=2).models.list()
+    upstream = served["upstream"]["url"]
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=upstream, api_key="unused", max_retries=0,
+                      timeout=2).models.list()
     report = (root / "report.md").read_text("utf-8")
     assert "### Comparison against base" in report and "#### gsm8k (reasoning)" in report
     compared = json.loads((root / "report" / "compare.json").read_text())
@@ -347,43 +367,6 @@ def test_the_cycle_evaluates_base_tuned_and_the_proxy_in_front(
     assert (root / "report" / "plots" / "gsm8k.png").exists()
     status, err = cycle(config)
     assert status == 0 and "0 stage(s) ran, 6 skipped" in err, err
-
-
-def test_the_proxy_in_front_of_a_served_model(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The serve command (here the benchmarks' fake model server, which speaks vLLM's wire
-    format) and ``guardrail serve`` in front of it: a real SDK request goes through both, the
-    case lands in the stage's own store, and both processes are gone afterwards."""
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    production = tmp_path / "production.db"
-    config = tmp_path / "guardrail.yaml"
-    config.write_text(yaml.safe_dump({"store": {"url": f"sqlite:///{production}"},
-                                      "guard": {"kind": "none"},
-                                      "upstream": {"url": "http://nowhere.invalid/v1"},
-                                      "server": {"api_keys": ["sk-production"]}}))
-    serving = ProxyServing(serve=f"{sys.executable} -m benchmarks.fake_upstream --port {{port}} "
-                                 "--chunks 5", served_model_name="fake-model",
-                           ready_timeout_s=60)
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    with proxy_in_front("eval-proxy-base", "/models/base", serving, config, stage) as url, \
-            openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as client:
-        reply = client.chat.completions.create(
-            model="whatever-the-eval-names-it",
-            messages=[{"role": "user", "content": "Keep my starter alive (request 1)"}])
-        assert "refrigerate" in (reply.choices[0].message.content or "")
-        case_id = reply.id
-        logs = list(stage.glob("*.log"))
-    assert sorted(path.name for path in logs) == ["model-server.log", "proxy.log"]
-    assert "guardrail: upstream openai-compatible at http://127.0.0.1:" in (
-        stage / "proxy.log").read_text()
-    served = yaml.safe_load((stage / "proxy.yaml").read_text())
-    assert served["upstream"]["model"] == "fake-model" and served["server"]["api_keys"] == []
-    assert (stage / "proxy-cases.db").exists() and not production.exists()
-    assert case_id
-    with pytest.raises(openai.APIConnectionError):  # both stopped: nothing listens
-        openai.OpenAI(base_url=url, api_key="unused", max_retries=0,
-                      timeout=2).models.list()
 
 
 def test_a_serve_command_that_dies_is_one_line(tmp_path: Path) -> None:
