@@ -88,6 +88,28 @@ def test_a_failed_stage_is_not_done_and_keeps_its_work_only_for_the_same_inputs(
     assert action.seen_partial[-1] is False
 
 
+def test_a_stage_after_one_that_reran_is_skipped_when_its_input_came_out_the_same(
+        tmp_path: Path) -> None:
+    """What a store that cannot be fingerprinted does: its stage reruns every time, and the
+    next one still skips when the file it reads is byte for byte the same."""
+    source = tmp_path / "in.txt"
+    source.write_text("hello")
+    first, second = Action(source), Action(tmp_path / "stages" / "s" / "out" / "result.txt")
+
+    def chain(nonce: int) -> tuple[str, str]:
+        upstream = run_stage(tmp_path, spec(source, nonce=nonce), first)
+        downstream = run_stage(tmp_path, StageSpec("t", {
+            "data": path_fingerprint(upstream.out / "result.txt")}, ("out/result.txt",)),
+            second)
+        return upstream.status, downstream.status
+
+    assert chain(1) == ("ran", "ran")
+    assert chain(2) == ("ran", "skipped")
+    source.write_text("other")
+    assert chain(3) == ("ran", "ran")
+    assert (first.calls, second.calls) == (3, 2)
+
+
 def test_missing_outputs_or_a_damaged_record_mean_not_done(tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("hello")
