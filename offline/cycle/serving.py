@@ -134,5 +134,5 @@ def proxy_in_front(stage: str, model: str, serving: ProxyServing, proxy_config: 
                                                              str(config_file)),
                            folder / "proxy.log")
         stack.callback(proxy.stop)
-        proxy.wait_ready(f"http://127.0.0.1:{proxy_port}/healthz", serving.ready_timeout_s)
+        proxy.wait_ready(f"http://127.0.0.1:{proxy_port}/readyz", serving.ready_timeout_s)
         yield f"http://127.0.0.1:{proxy_port}/v1"
