@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_cycle_parser(commands: Any) -> None:
     parser = commands.add_parser("cycle", help="harvest, correct, train, evaluate: one report",
-                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
+                                 description="Harvest -> correct -> train -> evaluate the "
+                                 "base model, the tuned model and (optionally) the proxy in "
+                                 "front of each -> one report (DIR/report.md). Each stage is "
+                                 "cached: a rerun skips what completed with the same inputs.")
     parser.add_argument("--config", required=True, help="the cycle's YAML file")
     parser.add_argument("--out", help="the cycle's folder (default: 'out' in the config)")
     parser.add_argument("--seed", type=int, default=0, help="the report's bootstrap seed")
