@@ -32,10 +32,22 @@ def start_upstream(workdir: Path, chunks: int, chunk_delay_ms: float = 0.0,
     return server, Target("direct to the model", f"http://127.0.0.1:{port}/v1")
 
 
+def start_fake_guard(workdir: Path, delay_ms: float) -> tuple[ServerProcess, str]:
+    """The fake Llama Guard endpoint (vLLM's wire format) answering after ``delay_ms``; its
+    ``/v1`` base URL."""
+    port = free_port()
+    server = ServerProcess(
+        "fake guard", [sys.executable, "-m", "benchmarks.fake_guard", "--port", str(port),
+                       "--delay-ms", str(delay_ms)],
+        f"http://127.0.0.1:{port}/v1/models", workdir / "guard.log")
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
 def start_guardrail(name: str, workdir: Path, upstream: Target, guard: dict[str, Any],
-                    workers: int = 1, **sections: dict[str, Any]) -> tuple[ServerProcess, Target]:
+                    workers: int = 1, server: dict[str, Any] | None = None,
+                    **sections: dict[str, Any]) -> tuple[ServerProcess, Target]:
     """Our proxy as users run it (``guardrail serve --config``), with its default store; ready
-    when ``/readyz`` says so (the guard warmed up)."""
+    when ``/readyz`` says so (the guard warmed up). ``server`` adds to its server section."""
     port = free_port()
     slug = name.replace(" ", "-").replace(",", "")
     config = {
@@ -44,15 +56,15 @@ def start_guardrail(name: str, workdir: Path, upstream: Target, guard: dict[str,
         "store": {"url": f"sqlite:///{workdir / slug}.db",
                   "fallback_path": str(workdir / f"{slug}-unstored.jsonl")},
         "server": {"host": "127.0.0.1", "port": port, "api_keys": [PROXY_KEY],
-                   "workers": workers},
+                   "workers": workers, **(server or {})},
         **sections,
     }
     config_path = workdir / f"{slug}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     guardrail = Path(sys.executable).parent / "guardrail"
-    server = ServerProcess(name, [str(guardrail), "serve", "--config", str(config_path)],
-                           f"http://127.0.0.1:{port}/readyz", workdir / f"{slug}.log")
-    return server, Target(name, f"http://127.0.0.1:{port}/v1", PROXY_KEY)
+    process = ServerProcess(name, [str(guardrail), "serve", "--config", str(config_path)],
+                            f"http://127.0.0.1:{port}/readyz", workdir / f"{slug}.log")
+    return process, Target(name, f"http://127.0.0.1:{port}/v1", PROXY_KEY)
 
 
 def litellm_executable(explicit: str | None = None) -> Path | None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -27,10 +29,13 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from benchmarks.fake_upstream import texts
-from benchmarks.launch import start_guardrail, start_upstream
+from benchmarks.launch import start_fake_guard, start_guardrail, start_upstream
 from benchmarks.processes import ServerProcess
-from benchmarks.stream_client import StreamResult, percentile, run_for, run_requests
+from benchmarks.stream_client import StreamResult, Target, percentile, run_for, run_requests
 
 EXPECTED = texts  # every stream is checked against the text the model sent it
 BOUNDED_GROWTH = 1.10
@@ -39,9 +44,12 @@ BOUNDED_GROWTH = 1.10
 class MemorySampler:
     """The proxy's RSS once a second, in a thread (the client's loop is busy)."""
 
-    def __init__(self, server: ServerProcess) -> None:
+    def __init__(self, server: ServerProcess, target: Target | None = None) -> None:
         self.server = server
         self.samples: list[tuple[float, float]] = []
+        self.target = target
+        self.guard_states: list[str] = []
+        """The guard's backlog (from ``/metrics``) every 5 s."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -56,7 +64,10 @@ class MemorySampler:
     def _run(self) -> None:
         started = time.monotonic()
         while not self._stop.is_set():
-            self.samples.append((time.monotonic() - started, self.server.memory_mib()))
+            at = time.monotonic() - started
+            self.samples.append((at, self.server.memory_mib()))
+            if self.target is not None and len(self.samples) % 5 == 1:
+                self.guard_states.append(f"{at:.0f} s: {guard_state(self.target)}")
             self._stop.wait(1.0)
 
     def thirds(self) -> tuple[float, float]:
@@ -89,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=200, help="streams kept in flight")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds")
     parser.add_argument("--guard", default="embedded", help="guard.kind (default: embedded)")
+    parser.add_argument("--guard-delay-ms", type=float, default=50.0,
+                        help="for llama-guard: the fake endpoint's time per answer")
+    parser.add_argument("--guard-options", type=json.loads, default={},
+                        help='guard.options as JSON, e.g. \'{"completions_batch": 16}\'')
+    parser.add_argument("--no-backpressure", action="store_true",
+                        help="server.backpressure.enabled: false (admit every request)")
+    parser.add_argument("--max-guard-wait-s", type=float, default=None,
+                        help="server.backpressure.max_guard_wait_s (default: its own)")
     parser.add_argument("--chunks", type=int, default=100)
     # 200 streams at 5 tokens/s each ask the guard for about 10 streams' worth of checks a
     # second: within what the embedded guard judges on 2 CPU cores (about 15). At 20 ms a chunk
@@ -100,39 +119,112 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"## load.py: {args.streams} concurrent streams for {args.duration:.0f} s\n")
     print(f"`python -m benchmarks.load --streams {args.streams} --duration {args.duration:.0f} "
-          f"--guard {args.guard} --chunk-delay-ms {args.chunk_delay_ms:g}`: our proxy "
-          f"(`guard.kind: {args.guard}`, the other settings at their defaults, SQLite store) in "
+          f"--guard {args.guard} --chunk-delay-ms {args.chunk_delay_ms:g}"
+          + (f" --guard-options '{json.dumps(args.guard_options)}'" if args.guard_options else "")
+          + (f" --guard-delay-ms {args.guard_delay_ms:g}" if args.guard == "llama-guard" else "")
+          + (" --no-backpressure" if args.no_backpressure else "")
+          + (f" --max-guard-wait-s {args.max_guard_wait_s:g}" if args.max_guard_wait_s else "")
+          + f"`: our proxy (`guard.kind: {args.guard}`"
+          + (f", `guard.options: {json.dumps(args.guard_options)}`" if args.guard_options else "")
+          + (f", a fake Llama Guard endpoint (vLLM's wire format, its own process) answering in "
+             f"{args.guard_delay_ms:g} ms" if args.guard == "llama-guard" else "")
+          + (", `server.backpressure.enabled: false`" if args.no_backpressure else "")
+          + (f", `server.backpressure.max_guard_wait_s: {args.max_guard_wait_s:g}`"
+             if args.max_guard_wait_s else "")
+          + f", the other settings at their defaults, SQLite store) in "
           f"front of a fake model that streams {args.chunks} chunks, one every "
           f"{args.chunk_delay_ms:g} ms; every stream's text checked against the model's.\n")
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         workdir = Path(tmp)
         upstream, direct = start_upstream(workdir, args.chunks, args.chunk_delay_ms)
         proxy: ServerProcess | None = None
+        guard_server: ServerProcess | None = None
+        guard: dict[str, object] = {"kind": args.guard}
+        if args.guard_options:
+            guard["options"] = args.guard_options
         try:
+            if args.guard == "llama-guard":
+                guard_server, guard["url"] = start_fake_guard(workdir, args.guard_delay_ms)
+                guard_server.wait_ready()
             upstream.wait_ready()
-            proxy, target = start_guardrail("guardrail", workdir, direct, {"kind": args.guard})
+            server: dict[str, object] | None = None
+            if args.no_backpressure:
+                server = {"backpressure": {"enabled": False}}
+            elif args.max_guard_wait_s is not None:
+                server = {"backpressure": {"max_guard_wait_s": args.max_guard_wait_s}}
+            proxy, target = start_guardrail("guardrail", workdir, direct, guard, server)
             proxy.wait_ready()
-            warm = asyncio.run(run_requests(target, 8, 16, EXPECTED))
+            refused: list[float] = []
+            warm = asyncio.run(run_requests(target, 8, 16, EXPECTED, refused))
             start_mib = proxy.memory_mib()
-            with MemorySampler(proxy) as sampler:
+            servers = [server for server in (proxy, guard_server, upstream) if server is not None]
+            cpu_before = [server.cpu_seconds() for server in servers]
+            with MemorySampler(proxy, target) as sampler:
                 started = time.perf_counter()
-                results = asyncio.run(run_for(target, args.streams, args.duration, EXPECTED))
+                results = asyncio.run(run_for(target, args.streams, args.duration, EXPECTED,
+                                              refused))
                 elapsed = time.perf_counter() - started
+            cpu = {server.name: (server.cpu_seconds() - before) / elapsed
+                   for server, before in zip(servers, cpu_before, strict=True)}
             peak_mib = proxy.memory_mib("VmHWM")
+            guard_errors = scrape_guard_errors(target)
         finally:
             if proxy is not None:
                 proxy.stop()
+            if guard_server is not None:
+                guard_server.stop()
             upstream.stop()
         database = workdir / "guardrail.db"
         unstored = workdir / "guardrail-unstored.jsonl"
         fallback = len(unstored.read_text().splitlines()) if unstored.exists() else 0
         cases = stored_cases(database) + fallback
-    return report(args, results, warm, elapsed, start_mib, peak_mib, sampler, cases)
+    print("CPU use during the run (cores busy, of the machine's "
+          f"{os.cpu_count()}): " + ", ".join(f"{name} {share:.2f}" for name, share in cpu.items())
+          + ".\n")
+    return report(args, results, warm, elapsed, start_mib, peak_mib, sampler, cases,
+                  guard_errors, refused)
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "none"
+    return f"{min(values):g}-{max(values):g} s"
+
+
+def guard_state(target: Target) -> str:
+    """The backpressure gauges: checks in the guard, a new check's expected wait, admitted
+    requests not yet checking, the guard's measured rate."""
+    base = target.base_url.removesuffix("/v1")
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    except httpx.HTTPError as error:
+        return f"({type(error).__name__})"
+    values = {family.name: family.samples[0].value
+              for family in text_string_to_metric_families(text) if family.samples}
+    return (f"{values.get('guardrail_guard_backlog', 0):.0f} checks, wait "
+            f"{values.get('guardrail_guard_expected_wait_seconds', 0):.2f} s, "
+            f"{values.get('guardrail_admissions_pending', 0):.0f} pending, rate "
+            f"{values.get('guardrail_guard_rate', 0):.0f}/s")
+
+
+def scrape_guard_errors(target: Target) -> dict[str, float]:
+    """``guardrail_guard_errors_total`` from the proxy's ``/metrics``, by kind (``timeout``,
+    ``error``): what the streams' ``action`` alone cannot tell apart."""
+    base = target.base_url.removesuffix("/v1")
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "guardrail_guard_errors":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    kind = sample.labels["kind"]
+                    found[kind] = found.get(kind, 0.0) + sample.value
+    return found
 
 
 def report(args: argparse.Namespace, results: list[StreamResult], warm: list[StreamResult],
            elapsed: float, start_mib: float, peak_mib: float, sampler: MemorySampler,
-           cases: int) -> int:
+           cases: int, guard_errors: dict[str, float], refused: list[float]) -> int:
     middle, last = sampler.thirds()
     errors = [result for result in results if result.error]
     corrected = [result for result in results if result.corrected]
@@ -141,12 +233,14 @@ def report(args: argparse.Namespace, results: list[StreamResult], warm: list[Str
     total = [r.total_s * 1000 for r in ok]
     sent = len(results) + len(warm)
     bounded = last <= middle * BOUNDED_GROWTH
-    print("| streams finished | errors | guard corrections | streams/s | TTFT p50 / p99 ms "
+    print("| streams finished | errors | refused up front (503) | guard corrections | streams/s "
+          "| TTFT p50 / p99 ms "
           "| total p50 / p99 ms "
           "| RSS at start MiB | peak RSS MiB | peak, middle / last third MiB | cases stored "
           "/ streams sent |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {len(results)} | {len(errors)} | {len(corrected)} | {len(results) / elapsed:.1f} "
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {len(results)} | {len(errors)} | {len(refused)} | {len(corrected)} "
+          f"| {len(results) / elapsed:.1f} "
           f"| {percentile(ttft, 0.5):.0f} / {percentile(ttft, 0.99):.0f} "
           f"| {percentile(total, 0.5):.0f} / {percentile(total, 0.99):.0f} "
           f"| {start_mib:.0f} | {peak_mib:.0f} | {middle:.0f} / {last:.0f} "
@@ -154,11 +248,17 @@ def report(args: argparse.Namespace, results: list[StreamResult], warm: list[Str
     for result in errors[:5]:
         print(f"\nerror: {result.error}")
     print(f"\nProxy RSS (MiB) every 10 s: {sampler.series()}.")
+    if sampler.guard_states:
+        print(f"\nThe guard every 5 s: {'; '.join(sampler.guard_states)}.")
     print(f"\nErrors: {len(errors)}. Guard corrections (the embedded guard judging a benign "
           f"step unsafe; not counted as errors, left out of the times): {len(corrected)}. "
           f"Memory {'bounded' if bounded else 'GREW'}: the last third's peak is "
           f"{last / middle * 100 - 100:+.1f} % on the middle third's. "
-          f"Cases: {'every stream stored' if cases == sent else 'MISSING some'}.")
+          f"Cases: {'every stream stored' if cases == sent else 'MISSING some'}. "
+          f"Guard timeouts: {guard_errors.get('timeout', 0):.0f}, other guard errors: "
+          f"{guard_errors.get('error', 0):.0f} (the proxy's guardrail_guard_errors_total). "
+          f"Refused up front (503, backpressure): {len(refused)}, each sent again after its "
+          f"Retry-After ({_spread(refused)}); not in the streams sent.")
     return 0 if not errors and bounded and cases == sent else 1
 
 

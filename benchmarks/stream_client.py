@@ -34,6 +34,9 @@ class StreamResult:
     corrected: str | None = None
     """The proxy's action when its guard changed the text (``intervened``, ``refused``...): a
     verdict, not a failure, and a different path, so kept out of the latency figures."""
+    retry_after_s: float | None = None
+    """Set when the proxy refused the request up front (503 with ``Retry-After``: its guard
+    was too far behind): the client may come back after that long."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class _Connection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.headers: dict[str, str] = {}
+        """The last response's headers (lower-case names)."""
 
     async def post_stream(self, path: str, body: bytes, headers: dict[str, str],
                           on_data: Callable[[bytes], None]) -> int:
@@ -98,6 +103,7 @@ class _Connection:
             (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n"))
         status = int(status_line.split()[1])
         fields = dict(line.lower().split(": ", 1) for line in header_lines if ": " in line)
+        self.headers = fields
         keep_alive = fields.get("connection") != "close"
         if fields.get("transfer-encoding") == "chunked":
             while True:
@@ -145,6 +151,9 @@ async def one_stream(connection: _Connection, target: Target, body: bytes,
                             f"{type(failure).__name__}: {failure}")
     total = time.perf_counter() - started
     body = bytes(received)
+    if status == 503 and "retry-after" in connection.headers:
+        return StreamResult(started, total, ttft, f"HTTP 503: {body[:200]!r}",
+                            retry_after_s=float(connection.headers["retry-after"]))
     error = _check(status, body, expect_text)
     action = _ACTION.findall(body[-2000:])
     if error == _DIFFERS and action and action[-1] == b"error":
@@ -172,22 +181,28 @@ def _check(status: int, body: bytes, expect_text: tuple[str, str] | None) -> str
 
 
 async def run_requests(target: Target, concurrency: int, requests: int,
-                       expect: Expect | None = None) -> list[StreamResult]:
+                       expect: Expect | None = None, refused: list[float] | None = None,
+                       ) -> list[StreamResult]:
     """``requests`` streams, ``concurrency`` of them in flight at any time."""
     remaining = iter(range(requests))
     return await _workers(target, concurrency, lambda: next(remaining, None) is not None,
-                          expect)
+                          expect, refused)
 
 
 async def run_for(target: Target, concurrency: int, duration_s: float,
-                  expect: Expect | None = None) -> list[StreamResult]:
+                  expect: Expect | None = None, refused: list[float] | None = None,
+                  ) -> list[StreamResult]:
     """``concurrency`` streams in flight, each replaced as it ends, for ``duration_s``."""
     deadline = time.perf_counter() + duration_s
-    return await _workers(target, concurrency, lambda: time.perf_counter() < deadline, expect)
+    return await _workers(target, concurrency, lambda: time.perf_counter() < deadline, expect,
+                          refused)
 
 
 async def _workers(target: Target, concurrency: int, another: Callable[[], bool],
-                   expect: Expect | None) -> list[StreamResult]:
+                   expect: Expect | None, refused: list[float] | None) -> list[StreamResult]:
+    """With ``refused``, a request the proxy refuses up front (503, ``Retry-After``) is sent
+    again after the time it names, as the OpenAI SDKs do, and each wait is appended there;
+    without it, a refusal is an error like any other."""
     results: list[StreamResult] = []
     address = urlsplit(target.base_url)
 
@@ -195,10 +210,19 @@ async def _workers(target: Target, concurrency: int, another: Callable[[], bool]
         connection = _Connection(address.hostname or "127.0.0.1", address.port or 80)
         try:
             while another():
-                number = next(_request_numbers)
-                payload = json.dumps(chat_body(number)).encode()
-                results.append(await one_stream(connection, target, payload,
-                                                expect(number) if expect else None))
+                while True:
+                    number = next(_request_numbers)
+                    payload = json.dumps(chat_body(number)).encode()
+                    result = await one_stream(connection, target, payload,
+                                              expect(number) if expect else None)
+                    if result.retry_after_s is None or refused is None:
+                        break
+                    refused.append(result.retry_after_s)
+                    if result.retry_after_s >= 4:
+                        # A server may close a connection idle that long (uvicorn: after 5 s).
+                        connection.close()
+                    await asyncio.sleep(result.retry_after_s)
+                results.append(result)
         finally:
             connection.close()
 

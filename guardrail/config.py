@@ -171,6 +171,24 @@ class RateLimitConfig(_Section):
     """Requests allowed at once after a quiet spell; by default ``requests_per_minute``."""
 
 
+class BackpressureConfig(_Section):
+    """Admission control: while the guard is too far behind, a new chat request is refused
+    (503 with ``Retry-After``) before any text is sent, so that the streams already running keep
+    their checks within ``guard.timeout_s``."""
+
+    enabled: bool = True
+    max_guard_wait_s: float | None = Field(default=None, gt=0)
+    """Refuse while a new check would wait longer than this for the guard; None = a quarter of
+    ``guard.timeout_s``, leaving the rest for the checks of streams already admitted."""
+    max_guard_backlog: int | None = Field(default=None, ge=1)
+    """Also refuse while this many checks are in the guard; None = no bound on the count."""
+    checks_per_new_stream: float | None = Field(default=None, ge=0)
+    """Checks a stream admitted but not yet checking is counted as, so that a burst of new
+    requests is not all admitted against an idle guard before the first of them has sent a
+    check; None = as many as the streams sending checks have in the guard now, each (between 1
+    and ``guard.max_concurrency``; ``guard.max_concurrency`` while no stream is)."""
+
+
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -197,6 +215,7 @@ class ServerConfig(_Section):
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object per line (the request log with case id, request id, status
     and durations; never API keys, and no request or model text when ``store.redact`` is on)."""
+    backpressure: BackpressureConfig = Field(default_factory=BackpressureConfig)
 
     @field_validator("admin_keys")
     @classmethod

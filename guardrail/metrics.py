@@ -88,6 +88,11 @@ class Metrics:
             "From a flag to the first text of the correction", buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.backpressure_rejections = Counter(
+            "guardrail_backpressure_rejections",
+            "Chat requests refused (503) before any text because the guard was too far behind",
+            registry=r,
+        )
         self.case_store_failures = Counter(
             "guardrail_case_store_failures", "Cases written to the fallback file instead",
             registry=r,

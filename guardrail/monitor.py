@@ -31,7 +31,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -199,7 +199,13 @@ class GuardedStream:
         config: Config,
         metrics: Metrics,
         case: Case,
+        on_checking: Callable[[], None] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
+        """``on_checking`` is called once: when the first check is sent to the guard, or when
+        the stream ends without one; ``on_end`` once, when the stream ends, however it ends (an
+        admission controller counts the stream as load to come until the first, and as a
+        stream sending checks until the second)."""
         self.request = request
         self.upstream = upstream
         self.guard = guard
@@ -220,6 +226,8 @@ class GuardedStream:
         self._round: _Round | None = None
         self._released: dict[Channel, list[str]] = {"reasoning": [], "answer": []}
         self._aborted: GuardrailError | None = None
+        self._on_checking = on_checking
+        self._on_end = on_end
         case.mode = config.stream.mode if self._checking else "passthrough"
         case.guard = guard.name
 
@@ -276,6 +284,10 @@ class GuardedStream:
             self.ended = "failed"
             raise internal_error(error) from error
         finally:
+            self._checking_started()  # ended without a check: no load to come either
+            if self._on_end is not None:
+                callback, self._on_end = self._on_end, None
+                callback()
             self._sync_released()
             self.case.timings.total_ms = (time.perf_counter() - self._started) * 1000
 
@@ -487,6 +499,7 @@ class GuardedStream:
                 view = build_view(self._request_text, self._history, text, channel,
                                   self.config.guard.window_steps, round_.number)
                 check = asyncio.create_task(self._check(view, record))
+                self._checking_started()
             self._history.append(text)
             step = _Step(record, check, held)
             round_.steps.append(step)
@@ -494,6 +507,11 @@ class GuardedStream:
                 round_.inbox.put_nowait(step)
             elif held:
                 round_.held_safe.append(step)
+
+    def _checking_started(self) -> None:
+        if self._on_checking is not None:
+            callback, self._on_checking = self._on_checking, None
+            callback()
 
     def _stop_round(self, producer: asyncio.Task[None], round_: _Round) -> None:
         """Cancel generation and pending checks; what the client did not see is withheld."""

@@ -20,8 +20,9 @@ from guardrail.cases.model import Case
 from guardrail.events import Finish, ResponseMeta, TextDelta, Usage
 from guardrail.monitor import GuardedStream, OutputEvent
 from guardrail.upstreams.base import ChatRequest
+from server.backpressure import Refusal
 from server.case_lifecycle import CaseLifecycle
-from server.errors import ClientError, guardrail_error_response
+from server.errors import ClientError, error_response, guardrail_error_response
 from server.logs import REQUEST_ID_HEADER, request_id
 from server.protocol import (
     ChatCompletionRequest,
@@ -90,14 +91,21 @@ async def chat_completions(request: Request) -> Response:
     body, parsed = _parse_body(await request.body())
     # A request that arrives while the guard loads waits for it, as its first check would.
     await services.readiness.guard_warm()
+    rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+    admission = services.gate.admit()
+    if isinstance(admission, Refusal):
+        # Before the case, the model and the guard: nothing has started that could fail later.
+        return error_response(503, admission.message, "server_error", code="guard_overloaded",
+                              headers={"retry-after": str(admission.retry_after_s),
+                                       REQUEST_ID_HEADER: rid})
     config = services.config
     model = config.upstream.model or parsed.model or "unknown"
     case = Case(model=model, upstream=services.upstream.name, stream=parsed.stream, request=body)
-    rid = request_id(request.headers.get(REQUEST_ID_HEADER))
     headers = {CASE_HEADER: case.id, REQUEST_ID_HEADER: rid}
     monitor = GuardedStream(
         request=ChatRequest(body=body), upstream=services.upstream, guard=services.guard,
         corrector=services.corrector, config=config, metrics=services.metrics, case=case,
+        on_checking=admission.checking, on_end=admission.end,
     )
     lifecycle = CaseLifecycle(services, case, monitor, rid)
     writer = ChunkWriter(f"chatcmpl-{case.id.removeprefix('case_')}", model,

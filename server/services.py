@@ -17,6 +17,7 @@ from guardrail.guards.plumbing.stats import GuardStatsCollector, GuardStatsMirro
 from guardrail.metrics import Metrics, multiprocess_dir
 from guardrail.upstreams import Upstream, build_upstream
 from server.auth import Authenticator
+from server.backpressure import AdmissionGate, BackpressureCollector, BackpressureGauges
 from server.drain import Drain
 from server.readiness import Readiness
 
@@ -37,6 +38,7 @@ class Services:
     drain: Drain
     sync_stats: Callable[[], None]
     """Copies the guard's own counters into the metrics (several workers; else nothing)."""
+    gate: AdmissionGate
 
     @classmethod
     async def start(cls, config: Config, drain: Drain | None = None) -> Services:
@@ -73,10 +75,21 @@ class Services:
                 sync_stats = GuardStatsMirror(stats, metrics.registry).sync
         recorder = CaseRecorder(store, config.store.fallback_path, on_failure=on_store_failure,
                                 redact=config.store.redact)
+        gate = AdmissionGate(config, guard, metrics)
+        if gate.source is not None:  # the guard's backlog, as gauges
+            if multiprocess_dir() is None:
+                metrics.registry.register(BackpressureCollector(gate))
+            else:
+                # Several workers: real gauges, set as each request is admitted or refused and
+                # at each scrape of this worker (a custom collector is never asked).
+                gauges = BackpressureGauges(gate, metrics.registry)
+                gate.publish = gauges.publish
+                sync_stats = _both(sync_stats, gauges.sync)
         drain = drain or Drain()
         drain.metrics = metrics
         return cls(config, upstream, guard, corrector, store, recorder, metrics,
-                   Authenticator(config.server), Readiness(guard, store), drain, sync_stats)
+                   Authenticator(config.server), Readiness(guard, store), drain, sync_stats,
+                   gate)
 
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):
@@ -89,3 +102,11 @@ class Services:
 
 def _nothing() -> None:
     pass
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both

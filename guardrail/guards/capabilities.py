@@ -7,7 +7,9 @@ A guard has a capability when it has the method (structural typing, checked at r
 - ``JudgesRequests``: judges a user's request by itself (the embedded guard's request head), used
   by the compliance-cue check instead of a prompt check.
 - ``HasStats``: counters only the guard knows (a cascade's escalations), exported as metrics.
-- ``Wraps``: a guard around another (``inner``), walked by ``find_stats``.
+- ``ReportsBacklog``: how far behind the guard is (``backlog()``: checks in it, its measured
+  rate), which the proxy's admission control reads before it takes a new request.
+- ``Wraps``: a guard around another (``inner``), walked by ``find_stats`` and ``find_backlog``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 from typing import Protocol, runtime_checkable
 
 from guardrail.guards.base import Guard, Verdict
+from guardrail.guards.plumbing.load import GuardBacklog
 
 
 @runtime_checkable
@@ -40,6 +43,13 @@ class HasStats(Protocol):
 
 
 @runtime_checkable
+class ReportsBacklog(Protocol):
+    def backlog(self) -> GuardBacklog:
+        """The checks in the guard now and the rate it gets through them (cheap: called for
+        every new request)."""
+
+
+@runtime_checkable
 class Wraps(Protocol):
     inner: Guard
 
@@ -52,11 +62,22 @@ async def warm_up(guard: Guard) -> None:
 
 def find_stats(guard: object) -> HasStats | None:
     """The guard itself, or the guard it wraps (``inner``), if it keeps counters."""
+    found = _find(guard, HasStats)
+    return found if isinstance(found, HasStats) else None
+
+
+def find_backlog(guard: object) -> ReportsBacklog | None:
+    """The guard itself, or the guard it wraps (``inner``), if it reports its backlog."""
+    found = _find(guard, ReportsBacklog)
+    return found if isinstance(found, ReportsBacklog) else None
+
+
+def _find(guard: object, capability: type) -> object | None:
     current: object = guard
     for _ in range(8):  # wrappers are shallow; the bound only guards against a cycle
         if current is None:
             return None
-        if isinstance(current, HasStats):
+        if isinstance(current, capability):
             return current
         current = current.inner if isinstance(current, Wraps) else None
     return None

@@ -31,6 +31,7 @@ from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards.base import Guard, GuardView, Verdict
 from guardrail.guards.capabilities import WarmsUp
+from guardrail.guards.plumbing.load import GuardBacklog, LoadMeter
 
 DEFAULT_BAND = (0.2, 0.8)
 
@@ -108,6 +109,11 @@ class CascadeGuard:
         self.total = 0
         self.escalated = 0
         self.first_errors = 0
+        self._meter = LoadMeter()
+
+    def backlog(self) -> GuardBacklog:
+        """Checks in the cascade, in either stage: a check waits for both when it escalates."""
+        return self._meter.backlog()
 
     def stats(self) -> dict[str, int]:
         """Counters since start: checks, escalations, and escalations because the first stage
@@ -129,6 +135,10 @@ class CascadeGuard:
         return (await self.check_many([view]))[0]
 
     async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
+        with self._meter.track(len(views)):
+            return await self._check_many(views)
+
+    async def _check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
         started = time.perf_counter()
         firsts = await self._first_verdicts(views)
         escalate = [index for index, verdict in enumerate(firsts)

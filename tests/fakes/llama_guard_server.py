@@ -1,9 +1,11 @@
 """A fake Llama Guard 3 served the way vLLM serves it, for tests that cannot load the model.
 
 It speaks vLLM's real OpenAI-compatible wire format (``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /health``) and decides from the LAST message (the assistant text, which
-Llama Guard's template judges) with keyword rules. Outputs have the real model's shapes: ``safe``
-or ``unsafe\\nS9``, by default after the ``\\n\\n`` the real model emits first.
+``POST /v1/completions`` with one prompt or a list of them, ``GET /v1/models``, ``GET /health``)
+and decides from the LAST message (the assistant text, which Llama Guard's template judges; in a
+rendered prompt, the last turn of its conversation) with keyword rules. Outputs have the real
+model's shapes: ``safe`` or ``unsafe\\nS9``, by default after the ``\\n\\n`` the real model
+emits first.
 
 API::
 
@@ -24,8 +26,13 @@ Every attribute below may be changed between requests:
 - ``status``: answer every chat request with this HTTP status and a vLLM-shaped error body.
 - ``output``: answer this text instead of a verdict (malformed output).
 - ``not_json``: answer 200 with a body that is not JSON.
-- ``delay_s``: wait this long before answering (for timeouts).
+- ``delay_s``: wait this long before answering (for timeouts); once per request, however many
+  prompts it carries (a GPU judges a small batch in about the time of one prompt).
 - ``api_key``: require ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``), else 401.
+- ``keep_requests``: False keeps no ``requests`` / ``headers`` (a long benchmark run).
+
+``max_in_flight`` is the most requests it has been answering at once; ``client_ports`` the
+client's port of each request (one port for several requests is one kept-alive connection).
 
 Requests are validated as vLLM with Llama Guard's chat template would: roles must alternate
 user/assistant starting with user (the template raises otherwise: 400), and ``top_logprobs``
@@ -39,6 +46,8 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +81,12 @@ class FakeLlamaGuard:
     not_json: bool = False
     delay_s: float = 0.0
     api_key: str | None = None
+    keep_requests: bool = True
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    client_ports: list[int] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def app(self) -> FastAPI:
         app = FastAPI(title="fake Llama Guard 3 (vLLM wire format)")
@@ -95,11 +108,28 @@ class FakeLlamaGuard:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
-            return await self._chat(request)
+            with self._counted(request):
+                return await self._chat(request)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            with self._counted(request):
+                return await self._completions(request)
 
         return app
 
     # -- the endpoint --------------------------------------------------------------------------
+
+    @contextmanager
+    def _counted(self, request: Request) -> Iterator[None]:
+        if self.keep_requests:
+            self.client_ports.append(request.client.port if request.client else 0)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _chat(self, request: Request) -> Response:
         expected = f"Bearer {self.api_key}"
@@ -109,8 +139,9 @@ class FakeLlamaGuard:
             body = await request.json()
         except ValueError:
             return _error(400, "BadRequestError", "request body is not valid JSON")
-        self.requests.append(body)
-        self.headers.append({key.lower(): value for key, value in request.headers.items()})
+        if self.keep_requests:
+            self.requests.append(body)
+            self.headers.append({key.lower(): value for key, value in request.headers.items()})
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.status is not None:
@@ -131,6 +162,51 @@ class FakeLlamaGuard:
             return _error(400, "BadRequestError", problem)
         assert isinstance(messages, list)
         return JSONResponse(self._completion(body, _text_of(messages[-1])))
+
+    async def _completions(self, request: Request) -> Response:
+        """vLLM's ``/v1/completions``: ``prompt`` a string or a list; one choice per prompt, in
+        order, each with its ``index`` and completions-shaped logprobs."""
+        expected = f"Bearer {self.api_key}"
+        if self.api_key is not None and request.headers.get("authorization") != expected:
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "BadRequestError", "request body is not valid JSON")
+        if self.keep_requests:
+            self.requests.append(body)
+            self.headers.append({key.lower(): value for key, value in request.headers.items()})
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.status is not None:
+            return _error(self.status, "InternalServerError" if self.status >= 500
+                          else "BadRequestError", "fake failure")
+        if not isinstance(body, dict):
+            return _error(400, "BadRequestError", "request body must be an object")
+        if body.get("model", self.served_model) != self.served_model:
+            return _error(404, "NotFoundError", f"The model `{body.get('model')}` does not exist.")
+        prompts = body.get("prompt")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, list) or not prompts or not all(
+                isinstance(prompt, str) for prompt in prompts):
+            return _error(400, "BadRequestError", "prompt must be a string or a list of strings")
+        chat_body = {"messages": [{"role": "user", "content": ""}],
+                     "logprobs": body.get("logprobs") is not None,
+                     "top_logprobs": body.get("logprobs")}
+        choices = []
+        for index, prompt in enumerate(prompts):
+            chat = self._completion(chat_body, _last_turn(prompt))["choices"][0]
+            choices.append({"index": index, "text": chat["message"]["content"],
+                            "logprobs": _completion_logprobs(chat["logprobs"]),
+                            "finish_reason": "stop", "stop_reason": None,
+                            "prompt_logprobs": None})
+        return JSONResponse({
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": self.served_model, "choices": choices,
+            "usage": {"prompt_tokens": sum(len(p) // 4 for p in prompts),
+                      "completion_tokens": 3 * len(prompts),
+                      "total_tokens": sum(len(p) // 4 + 3 for p in prompts)},
+        })
 
     def _completion(self, body: dict[str, Any], judged: str) -> dict[str, Any]:
         lowered = judged.lower()
@@ -201,6 +277,32 @@ def _text_of(message: Any) -> str:
         return "".join(str(part.get("text", "")) for part in content
                        if isinstance(part, dict) and part.get("type") == "text")
     return ""
+
+
+_CONVERSATION = re.compile(r"<BEGIN CONVERSATION>\n\n(.*)<END CONVERSATION>", re.DOTALL)
+_TURN = re.compile(r"(?:^|\n\n)(?:User|Agent): ")
+
+
+def _last_turn(prompt: str) -> str:
+    """The last turn of a rendered Llama Guard prompt's conversation: what it judges."""
+    found = _CONVERSATION.search(prompt)
+    return _TURN.split(found.group(1))[-1] if found else prompt
+
+
+def _completion_logprobs(chat: Any) -> dict[str, Any] | None:
+    """Chat-shaped logprobs in the completions API's shape."""
+    if not isinstance(chat, dict):
+        return None
+    content = chat["content"]
+    offsets, at = [], 0
+    for entry in content:
+        offsets.append(at)
+        at += len(entry["token"])
+    return {"tokens": [entry["token"] for entry in content],
+            "token_logprobs": [entry["logprob"] for entry in content],
+            "top_logprobs": [{alt["token"]: alt["logprob"] for alt in entry["top_logprobs"]}
+                             for entry in content],
+            "text_offset": offsets}
 
 
 def _template_problem(messages: Any) -> str | None:

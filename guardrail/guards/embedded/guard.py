@@ -53,6 +53,7 @@ from guardrail.guards.embedded.head import (
     load_categories,
     load_head,
 )
+from guardrail.guards.plumbing.load import GuardBacklog, LoadMeter
 from guardrail.guards.plumbing.microbatch import MicroBatcher
 
 if TYPE_CHECKING:
@@ -138,6 +139,12 @@ class EmbeddedGuard:
         self._request_batcher: MicroBatcher[str, float] = MicroBatcher(
             self._score_requests, max_batch=max_batch, max_wait_s=max_wait_s
         )
+        # Steps and requests share the encoder (one forward pass at a time): one backlog.
+        self._meter = LoadMeter()
+
+    def backlog(self) -> GuardBacklog:
+        """Checks and request judgements waiting for the encoder or in its forward pass."""
+        return self._meter.backlog()
 
     @property
     def batches(self) -> int:
@@ -225,7 +232,8 @@ class EmbeddedGuard:
         score = 0.0
         if text.strip():  # white space asks for nothing
             try:
-                score = await self._request_batcher.submit(text)
+                with self._meter.track():
+                    score = await self._request_batcher.submit(text)
             except GuardError:
                 raise
             except Exception as error:
@@ -247,7 +255,8 @@ class EmbeddedGuard:
         if not view.step.strip():
             return self._verdict(0.0, started)  # white space cannot be harmful
         try:
-            score, named = await self._batcher.submit(view)
+            with self._meter.track():
+                score, named = await self._batcher.submit(view)
         except GuardError:
             raise
         except Exception as error:

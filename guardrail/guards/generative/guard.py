@@ -26,6 +26,7 @@ from guardrail.guards.generative.families.base import check_options
 from guardrail.guards.generative.runners import RUNNERS, Runner
 from guardrail.guards.generative.runners.text import TextRunner
 from guardrail.guards.generative.runners.transformers import HFRunner
+from guardrail.guards.plumbing.load import GuardBacklog, LoadMeter
 
 VLLM_KIND = "vllm"
 """The older ``guard.kind`` for a family on the vllm runner (``options.format`` names it)."""
@@ -64,6 +65,11 @@ class GenerativeGuard:
         self.markers = family.markers
         self._ready = False
         self._warming: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._meter = LoadMeter()
+
+    def backlog(self) -> GuardBacklog:
+        """Checks sent to the model (in-process or at the endpoint) and not yet answered."""
+        return self._meter.backlog()
 
     def warm_up(self) -> None:
         """Load the model now (blocking). Called in a thread at start-up, so that a model that
@@ -106,7 +112,8 @@ class GenerativeGuard:
         try:
             await self._prepare()
             async with asyncio.timeout(self.config.timeout_s):
-                reading = await self._read(view)
+                with self._meter.track():
+                    reading = await self._read(view)
         except GuardError:
             raise
         except ConfigError as error:
