@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 server = {"backpressure": {"enabled": False}}
             elif args.max_guard_wait_s is not None:
                 server = {"backpressure": {"max_guard_wait_s": args.max_guard_wait_s}}
-            proxy, target = start_guardrail("guardrail", workdir, direct, guard, server)
+            proxy, target = start_guardrail("guardrail", workdir, direct, guard, server=server)
             proxy.wait_ready()
             refused: list[float] = []
             warm = asyncio.run(run_requests(target, 8, 16, EXPECTED, refused))
