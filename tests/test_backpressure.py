@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from guardrail.config import config_from_mapping
@@ -20,7 +21,7 @@ from guardrail.guards.plumbing.cues import ComplianceCueGuard
 from guardrail.guards.plumbing.load import GuardBacklog, LoadMeter
 from guardrail.metrics import Metrics
 from server.app import create_app
-from server.backpressure import UNGATED, Admission, AdmissionGate, Refusal
+from server.backpressure import UNGATED, Admission, AdmissionGate, BackpressureGauges, Refusal
 from tests.fakes.loopback import LoopbackServers
 from tests.fakes.openai_server import FakeReply, create_fake_openai_app
 
@@ -300,3 +301,22 @@ async def saturate(url: str) -> tuple[list[dict[str, Any]], list[openai.APIStatu
 
         await asyncio.gather(*(worker() for _ in range(STREAMS)))
     return accepted, refused, failed
+
+
+def test_with_several_workers_the_gauges_are_real_gauges_set_as_requests_come() -> None:
+    # Several workers: a scrape reads the workers' metric files, never a custom collector, so
+    # the gate sets real gauges (combined over the workers by their multiprocess_mode).
+    source, clock = Source(), Clock()
+    gate = gate_for(source, clock)
+    registry = CollectorRegistry()
+    gauges = BackpressureGauges(gate, registry)
+    gate.publish = gauges.publish
+    source.state = GuardBacklog(checks=40, rate=100.0, oldest_s=0.1)
+    assert isinstance(gate.admit(), Admission)
+    assert registry.get_sample_value("guardrail_guard_backlog") == 40
+    assert registry.get_sample_value("guardrail_guard_expected_wait_seconds") == 0.4
+    assert registry.get_sample_value("guardrail_guard_rate") == 100
+    source.state = GuardBacklog(checks=7, rate=50.0, oldest_s=0.1)
+    gauges.sync()  # at a scrape of this worker
+    assert registry.get_sample_value("guardrail_guard_backlog") == 7
+    assert registry.get_sample_value("guardrail_admissions_pending") == 1
