@@ -318,7 +318,8 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("case", ["endpoint", "folder", "broken", "suite", "judge", "columns"])
+@pytest.mark.parametrize("case", ["endpoint", "folder", "broken", "suite", "judge", "columns",
+                                  "limit"])
 def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     model, extra = "http://127.0.0.1:1/v1", ["--data-dir", str(data_dir)]
@@ -337,6 +338,9 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
     elif case == "judge":
         extra += ["--judge", "llama-gard"]
         expected = "unknown judge 'llama-gard'; known: a guard ("
+    elif case == "limit":  # Inspect raised "The specified dataset is empty" as a traceback
+        extra += ["--limit", "0"]
+        expected = "limit must be at least 1 (items per benchmark), not 0"
     else:
         bad = tmp_path / "bad"
         (bad / "xstest").mkdir(parents=True)

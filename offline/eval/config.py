@@ -119,6 +119,8 @@ def load(path: str | None, overrides: dict[str, Any]) -> EvalConfig:
     config = EvalConfig(**{key: _coerce(key, value) for key, value in data.items()})
     if config.samples < 1:
         raise EvalError("samples must be at least 1")
+    if config.limit is not None and config.limit < 1:
+        raise EvalError(f"limit must be at least 1 (items per benchmark), not {config.limit}")
     if not config.model:
         raise EvalError("no model: give --model (a folder, hub id, endpoint URL or Inspect name)")
     if not config.out:

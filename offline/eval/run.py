@@ -10,6 +10,7 @@ run continues without generating a finished item again.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,36 @@ def _rubric(value: str | None, config: EvalConfig) -> ModelRef | None:
     choice = models.choose(value, api_key_env=config.api_key_env)
     models.load(choice)  # an unknown provider or a missing key fails here, in one line
     return choice.name, choice.args
+
+
+def _logs_on_disk(log_dir: Path) -> dict[tuple[str, float | None], str]:
+    """Each Inspect log in ``log_dir`` (by name and modification time) and its status."""
+    from inspect_ai.log import list_eval_logs, read_eval_log
+
+    if not log_dir.is_dir():
+        return {}
+    return {(info.name, info.mtime): read_eval_log(info, header_only=True).status
+            for info in list_eval_logs(str(log_dir), recursive=False)}
+
+
+def _resume_notice(before: dict[tuple[str, float | None], str], log_dir: Path) -> str | None:
+    """One line saying that this run continues an earlier one in the same folder."""
+    if not before:
+        return None
+    statuses: dict[str, int] = {}
+    for status in before.values():
+        statuses[status] = statuses.get(status, 0) + 1
+    held = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
+    return (f"guardrail eval: resuming from {log_dir} ({held} earlier logs): Inspect reuses "
+            "the finished samples of the same tasks and generates the rest")
+
+
+def _interrupted(before: dict[tuple[str, float | None], str], log_dir: Path) -> bool:
+    """Whether this run left a log cancelled. Inspect writes a run cut short by Ctrl-C as
+    ``cancelled`` but, on asyncio, can return no logs for it and report success; the logs on
+    disk say what happened."""
+    return any(status == "cancelled" and key not in before
+               for key, status in _logs_on_disk(log_dir).items())
 
 
 def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
@@ -81,6 +112,10 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
               "strongreject rubric": spec.model or "none (no model judge: no score)",
               "refusal": spec.model or STRING_MATCH_LABEL}
     out.mkdir(parents=True, exist_ok=True)
+    before = _logs_on_disk(out / "logs")
+    notice = _resume_notice(before, out / "logs")
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     try:
         success, logs = eval_set(
             tasks, log_dir=str(out / "logs"), model=model,
@@ -91,6 +126,10 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     except Exception as error:
         # Inspect refuses a log folder holding another run's tasks, among other things.
         raise EvalError(f"inspect: {' '.join(str(error).split())[:400]}") from error
+    if _interrupted(before, out / "logs"):
+        # No outputs from a cut-short run: they would describe part of it as the whole.
+        raise KeyboardInterrupt
+    success = success and len(logs) == len(tasks)
     results = [outputs.items_of(read_eval_log(log.location)) for log in logs]
     order = {bench.name: index for index, bench in enumerate(benches)}
     results.sort(key=lambda result: order.get(result.name, len(order)))
