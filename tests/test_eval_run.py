@@ -318,10 +318,11 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("case", ["endpoint", "folder", "broken", "suite", "judge", "columns",
-                                  "limit"])
+@pytest.mark.parametrize("case", ["endpoint", "folder", "missing", "broken", "suite", "judge",
+                                  "rubric-key", "columns", "limit"])
 def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+                               capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     model, extra = "http://127.0.0.1:1/v1", ["--data-dir", str(data_dir)]
     expected = ""
     if case == "endpoint":
@@ -329,6 +330,9 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
         expected = f"endpoint {model} does not answer (ConnectError"
     elif case == "folder":
         model, expected = str(tmp_path), "not a model folder (no config.json)"
+    elif case == "missing":  # was transformers' "Repo id must be in the form 'repo_name' ..."
+        model = str(tmp_path / "runs" / "sft-1")
+        expected = f"{model}: no such model folder"
     elif case == "broken":
         (tmp_path / "config.json").write_text("{not json")
         model, expected = str(tmp_path), "cannot load"
@@ -338,6 +342,12 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
     elif case == "judge":
         extra += ["--judge", "llama-gard"]
         expected = "unknown judge 'llama-gard'; known: a guard ("
+    elif case == "rubric-key":  # Inspect's message, without its console markup
+        for name in ("OPENAI_API_KEY", "AZUREAI_OPENAI_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
+        extra += ["--judge", "openai/gpt-4o"]
+        expected = "model openai/gpt-4o cannot load (PrerequisiteError: ERROR: Unable to " \
+            "initialise OpenAI client No OPENAI_API_KEY, AZUREAI_OPENAI_API_KEY"
     elif case == "limit":  # Inspect raised "The specified dataset is empty" as a traceback
         extra += ["--limit", "0"]
         expected = "limit must be at least 1 (items per benchmark), not 0"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import httpx
 
 from offline.eval.errors import EvalError
+
+_MARKUP = re.compile(r"\[/?(?:bold|italic|dim|red|green|yellow|blue|magenta|cyan)\]")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ def choose(model: str, *, backend: str = "auto", served_model: str | None = None
     if "/" in model and not Path(model).exists() and is_inspect_provider(prefix):
         return ModelChoice(model, args, label=model)
     path = Path(model)
+    if not path.exists() and model.startswith(("/", "./", "../", "~")):
+        # Not a hub id either: transformers would answer "Repo id must be in the form ...".
+        raise EvalError(f"{model}: no such model folder")
     if path.exists() and not (path / "config.json").is_file():
         raise EvalError(f"{model}: not a model folder (no config.json)")
     if backend not in ("auto", "transformers", "vllm"):
@@ -107,6 +113,7 @@ def load(choice: ModelChoice, **config: Any) -> Any:
         return get_model(choice.name, config=GenerateConfig(**config), memoize=False,
                          **choice.args)
     except Exception as error:
-        detail = " ".join(str(error).split())[:300]
+        # Inspect's prerequisite errors carry rich console markup ("[bold][blue]KEY[/blue]").
+        detail = _MARKUP.sub("", " ".join(str(error).split()))[:300]
         raise EvalError(f"model {choice.label or choice.name} cannot load "
                         f"({type(error).__name__}: {detail})") from error
