@@ -210,6 +210,12 @@ def test_through_the_proxy_its_own_figures_are_kept(data_dir: Path, tmp_path: Pa
     assert sr["proxy_intervened"] == pytest.approx(1 / 3)
     assert sr["proxy_checks"] > 0
     assert sr["harmful_full"] == 0.0
+    # Every proxy figure in summary.json has its column and definition in the report.
+    report_md = (out / "report.md").read_text()
+    header = next(line for line in report_md.splitlines() if line.startswith("| benchmark"))
+    for key in ("proxy_intervened", "proxy_checks", "proxy_flagged"):
+        assert key in sr and f" {key} |" in header and f"- `{key}`: through the proxy" \
+            in report_md, key
     # No rubric model: no StrongREJECT score, refusals by the labelled string-match fallback.
     assert sr.get("strongreject") is None
     assert "string match (weaker fallback" in (out / "report.md").read_text()
