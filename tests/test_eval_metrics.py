@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from inspect_ai.model import (
 )
 
 from guardrail.config import Config
+from guardrail.guards.base import GuardView, Verdict
 from offline.eval import metrics
 from offline.eval.benchmarks import BENCHMARKS, load_samples, select
 from offline.eval.errors import EvalError
@@ -231,3 +234,43 @@ def test_yaml_then_command_line_and_presets(tmp_path: Path) -> None:
     path.write_text("model: m\nout: o\nbatch: 3\n")
     with pytest.raises(EvalError, match="unknown setting"):
         load(str(path), {})
+
+
+class _SlowLoadingGuard:
+    """A guard whose warm-up takes a moment, as a model load does (the embedded guard's encoder,
+    a vLLM runner's weights)."""
+
+    name = "slow"
+    built = 0
+    closed = 0
+
+    def __init__(self) -> None:
+        type(self).built += 1
+
+    def warm_up(self) -> None:
+        time.sleep(0.2)
+
+    async def check(self, view: GuardView) -> Verdict:
+        return Verdict(unsafe=False)
+
+    async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
+        return [Verdict(unsafe=False) for _ in views]
+
+    async def aclose(self) -> None:
+        type(self).closed += 1
+
+
+async def test_concurrent_first_samples_share_one_guard_build(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import guardrail.guards
+    from guardrail.config import load_config
+    from offline.eval.judges import close_judges, harm_judge
+
+    monkeypatch.setattr(guardrail.guards, "build_guard", lambda _config: _SlowLoadingGuard())
+    config = load_config(None)
+    # The first sample of every benchmark asks at once; each used to load its own guard.
+    judges = await asyncio.gather(*(harm_judge(config) for _ in range(6)))
+    assert _SlowLoadingGuard.built == 1 and len({id(judge) for judge in judges}) == 1
+    assert await harm_judge(config) is judges[0]
+    await close_judges()
+    assert _SlowLoadingGuard.closed == 1
