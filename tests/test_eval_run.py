@@ -325,7 +325,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("case", ["endpoint", "folder", "missing", "broken", "suite", "judge",
-                                  "rubric-key", "columns", "limit"])
+                                  "rubric-key", "columns", "limit", "yaml-type"])
 def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
                                capsys: pytest.CaptureFixture[str],
                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -354,6 +354,10 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
         extra += ["--judge", "openai/gpt-4o"]
         expected = "model openai/gpt-4o cannot load (PrerequisiteError: ERROR: Unable to " \
             "initialise OpenAI client No OPENAI_API_KEY, AZUREAI_OPENAI_API_KEY"
+    elif case == "yaml-type":  # YAML 1.1 reads 1e3 as a string
+        (tmp_path / "eval.yaml").write_text("max_tokens: 1e3\n")
+        extra += ["--config", str(tmp_path / "eval.yaml")]
+        expected = "config: max_tokens: '1e3' is not an integer"
     elif case == "limit":  # Inspect raised "The specified dataset is empty" as a traceback
         extra += ["--limit", "0"]
         expected = "limit must be at least 1 (items per benchmark), not 0"

@@ -85,7 +85,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind.startswith("float"):
             return float(value)
     except (TypeError, ValueError) as error:
-        raise EvalError(f"config: {name}: {value!r} is not a {kind}") from error
+        wanted = "an integer" if kind.startswith("int") else "a number"
+        raise EvalError(f"config: {name}: {value!r} is not {wanted}") from error
     return value
 
 
