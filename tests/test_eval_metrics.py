@@ -204,6 +204,22 @@ def test_wrong_columns_are_one_line(tmp_path: Path) -> None:
         "'forbidden_prompt' (columns: category, prompt)")
 
 
+def test_a_hub_set_that_cannot_load_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --data-dir on a machine with no network (or HF_HUB_OFFLINE) the datasets
+    traceback reached the user; the hub itself cannot be reached from the tests."""
+    from offline.eval import benchmarks
+
+    def offline(_source: Any) -> list[Any]:
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(benchmarks, "_read_hub", offline)
+    with pytest.raises(EvalError) as caught:
+        load_samples(BENCHMARKS["gsm8k"], None)
+    assert str(caught.value) == (
+        "gsm8k: cannot load hf:openai/gsm8k/main:test (ConnectionError: Couldn't reach "
+        "'openai/gsm8k' on the Hub (OfflineModeIsEnabled)); --data-dir reads local files instead")
+
+
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not on this machine")
 def test_local_files_load_as_the_papers_define_them() -> None:
     counts = {name: len(load_samples(bench, DATA)[0]) for name, bench in BENCHMARKS.items()}
