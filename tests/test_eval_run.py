@@ -16,6 +16,7 @@ import pytest
 
 from offline.eval import command
 from offline.eval.config import EvalConfig, load
+from offline.eval.errors import EvalError
 from offline.eval.run import run
 from tests.fakes.llama_guard_server import FakeLlamaGuard
 from tests.fakes.loopback import LoopbackServers
@@ -286,6 +287,33 @@ def test_resume_makes_no_second_call_for_finished_items(servers: LoopbackServers
     assert sum("malware" in prompt for prompt in calls) == failed_calls + 1
     assert second.summary["benchmarks"]["jbb"]["n_items"] == 3
     assert second.summary["benchmarks"]["jbb"]["n_errors"] == 0
+
+
+def test_a_rerun_with_other_settings_is_refused_not_mixed(servers: LoopbackServers,
+                                                          data_dir: Path, tmp_path: Path) -> None:
+    """Inspect's task identity leaves --limit out (a rerun with --limit 1 reported the earlier
+    two items as the new run) and refuses other decoding with its own error; run.json decides."""
+    app: FakeOpenAIApp = create_fake_openai_app(responder=model_reply)
+    url = servers.serve(app) + "/v1"
+    out = tmp_path / "out"
+    settings = {"model": url, "suite": ["jbb"], "judge": ["none"], "out": str(out), "limit": 2,
+                "data_dir": str(data_dir)}
+    assert run(config(**settings)).success
+    calls = len(app.chat_requests)
+    for change, said in (({"limit": 1}, "limit 2 -> 1"),
+                         ({"temperature": 0.6}, "temperature 0.0 -> 0.6"),
+                         ({"preset": "star1"}, "max_tokens 4096 -> 8000; repetition_penalty "
+                                               "None -> 1.2")):
+        with pytest.raises(EvalError) as caught:
+            run(config(**settings | change))
+        assert str(caught.value) == (
+            f"--out {out} holds a run with other settings ({said}): rerun with the same ones to "
+            "resume it, or give another --out")
+    assert len(app.chat_requests) == calls  # refused before anything was generated
+    # Settings that change only the pace resume.
+    again = run(config(**settings | {"max_connections": 2, "max_tasks": 1}))
+    assert again.success and again.summary["benchmarks"]["jbb"]["n_items"] == 2
+    assert len(app.chat_requests) == calls
 
 
 def test_a_guard_answering_garbage_is_counted_never_dropped(servers: LoopbackServers,

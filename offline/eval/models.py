@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from offline.eval.errors import EvalError
-
-_MARKUP = re.compile(r"\[/?(?:bold|italic|dim|red|green|yellow|blue|magenta|cyan)\]")
+from offline.eval.errors import EvalError, plain
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,6 @@ def load(choice: ModelChoice, **config: Any) -> Any:
         return get_model(choice.name, config=GenerateConfig(**config), memoize=False,
                          **choice.args)
     except Exception as error:
-        # Inspect's prerequisite errors carry rich console markup ("[bold][blue]KEY[/blue]").
-        detail = _MARKUP.sub("", " ".join(str(error).split()))[:300]
+        detail = plain(" ".join(str(error).split()))[:300]
         raise EvalError(f"model {choice.label or choice.name} cannot load "
                         f"({type(error).__name__}: {detail})") from error

@@ -17,10 +17,10 @@ from typing import Any
 
 from guardrail.config import load_config
 from guardrail.errors import ConfigError
-from offline.eval import models, outputs, report
+from offline.eval import models, outputs, report, run_folder
 from offline.eval.benchmarks import select
 from offline.eval.config import EvalConfig, generation
-from offline.eval.errors import EvalError
+from offline.eval.errors import EvalError, plain
 from offline.eval.judges import is_model, parse_judges
 from offline.eval.scorers import STRING_MATCH_LABEL, ModelRef
 
@@ -60,8 +60,8 @@ def _resume_notice(before: dict[tuple[str, float | None], str], log_dir: Path) -
     for status in before.values():
         statuses[status] = statuses.get(status, 0) + 1
     held = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
-    return (f"guardrail eval: resuming from {log_dir} ({held} earlier logs): Inspect reuses "
-            "the finished samples of the same tasks and generates the rest")
+    return (f"guardrail eval: resuming from {log_dir} ({held} earlier logs): their finished "
+            "samples are reused, only the rest is generated")
 
 
 def _interrupted(before: dict[tuple[str, float | None], str], log_dir: Path) -> bool:
@@ -81,6 +81,8 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     from offline.eval.tasks import build_task
 
     benches = select(config.suite)
+    out = Path(config.out)
+    resuming = run_folder.check_rerun(out, config)  # before any weights load
     try:
         guard_config = load_config(config.guard_config)
     except ConfigError as error:
@@ -97,7 +99,6 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
         "timeout": config.request_timeout_s}
     if config.repetition_penalty is not None:
         decoding["extra_body"] = {"repetition_penalty": config.repetition_penalty}
-    out = Path(config.out)
     data_dir = Path(config.data_dir) if config.data_dir else None
     tasks, sources = [], {}
     for bench in benches:
@@ -111,9 +112,9 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     judges = {"harm (reasoning / answer / full)": spec.guard_label,
               "strongreject rubric": spec.model or "none (no model judge: no score)",
               "refusal": spec.model or STRING_MATCH_LABEL}
-    out.mkdir(parents=True, exist_ok=True)
     before = _logs_on_disk(out / "logs")
-    notice = _resume_notice(before, out / "logs")
+    run_folder.record(out, config)
+    notice = _resume_notice(before, out / "logs") if resuming else None
     if notice:
         print(notice, file=sys.stderr, flush=True)
     try:
@@ -125,7 +126,7 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
             max_connections=config.max_connections)
     except Exception as error:
         # Inspect refuses a log folder holding another run's tasks, among other things.
-        raise EvalError(f"inspect: {' '.join(str(error).split())[:400]}") from error
+        raise EvalError(f"inspect: {plain(' '.join(str(error).split()))[:400]}") from error
     if _interrupted(before, out / "logs"):
         # No outputs from a cut-short run: they would describe part of it as the whole.
         raise KeyboardInterrupt
