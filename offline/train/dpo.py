@@ -218,6 +218,17 @@ def _no_pairs(files: list[PairFile]) -> DPOSetupError:
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
+def _pair_file(path: Path) -> bool:
+    """Whether a file in a folder holds pairs (its first JSON row has their fields)."""
+    try:
+        for row in read_jsonl(path):
+            if not isinstance(row, BadRow):
+                return isinstance(row[1], dict) and all(key in row[1] for key in PAIR_FIELDS)
+    except (OSError, UnicodeDecodeError) as error:
+        raise DPOSetupError(f"{path}: cannot read it ({error})") from None
+    return True  # empty: kept, and counted as having no pair
+
+
 def _check_shape(path: Path) -> None:
     """A file whose first JSON row is not a pair is the wrong file (UnsafeChain records, chat
     rows...): one line now, not every row skipped later."""
@@ -238,7 +249,7 @@ def _check_shape(path: Path) -> None:
 def prepare(config: DPORunConfig) -> Prepared:
     """Check the input, load the tokenizer and pairs, then the model, and build the trainer."""
     config.dpo = _dpo_settings(config.dpo)
-    files_in = [item for spec in config.data for item in expand(spec)]
+    files_in = [item for spec in config.data for item in expand(spec, _pair_file)]
     for item in files_in:
         _check_shape(item.path)
     clear = run_folder.check_out(config.out, overwrite=config.overwrite, resume=False,
