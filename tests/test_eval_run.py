@@ -310,10 +310,15 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed(servers: LoopbackServe
             f"--out {out} holds a run with other settings ({said}): rerun with the same ones to "
             "resume it, or give another --out")
     assert len(app.chat_requests) == calls  # refused before anything was generated
-    # Settings that change only the pace resume.
-    again = run(config(**settings | {"max_connections": 2, "max_tasks": 1}))
+    # Settings that change only the pace resume, as does the same model served at another
+    # address (guardrail cycle starts the proxy in front on a free port each time).
+    moved = servers.serve(app) + "/v1"
+    again = run(config(**settings | {"model": moved, "max_connections": 2, "max_tasks": 1}))
     assert again.success and again.summary["benchmarks"]["jbb"]["n_items"] == 2
     assert len(app.chat_requests) == calls
+    with pytest.raises(EvalError, match=r"\(model 'guardrail-openai/fake-model' -> "
+                                        r"'guardrail-hf/"):
+        run(config(**settings | {"model": str(_tiny_folder(tmp_path))}))
 
 
 def test_a_guard_answering_garbage_is_counted_never_dropped(servers: LoopbackServers,

@@ -82,7 +82,6 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
 
     benches = select(config.suite)
     out = Path(config.out)
-    resuming = run_folder.check_rerun(out, config)  # before any weights load
     try:
         guard_config = load_config(config.guard_config)
     except ConfigError as error:
@@ -92,6 +91,7 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     choice = models.choose(config.model, backend=config.backend,
                            served_model=config.served_model, api_key_env=config.api_key_env,
                            model_args=config.model_args)
+    resuming = run_folder.check_rerun(out, config, choice.name)  # before any weights load
     decoding: dict[str, Any] = {
         "temperature": config.temperature, "top_p": config.top_p,
         "max_tokens": config.max_tokens, "seed": config.seed,
@@ -113,7 +113,7 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
               "strongreject rubric": spec.model or "none (no model judge: no score)",
               "refusal": spec.model or STRING_MATCH_LABEL}
     before = _logs_on_disk(out / "logs")
-    run_folder.record(out, config)
+    run_folder.record(out, config, choice.name)
     notice = _resume_notice(before, out / "logs") if resuming else None
     if notice:
         print(notice, file=sys.stderr, flush=True)

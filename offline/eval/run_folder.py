@@ -18,19 +18,21 @@ from offline.eval.config import EvalConfig
 from offline.eval.errors import EvalError
 
 RUN_FILE = "run.json"
-# What a finished item depends on. ``preset`` is left out: it resolves into the decoding fields.
-IDENTITY = ("model", "served_model", "backend", "suite", "judge", "guard_config", "data_dir",
-            "limit", "samples", "temperature", "top_p", "max_tokens", "repetition_penalty",
-            "seed")
+# What a finished item depends on. The model is the Inspect model name (``guardrail-openai/NAME``
+# for an endpoint, ``guardrail-hf/PATH`` or ``vllm/PATH``), not the URL: a proxy restarted on
+# another port (``guardrail cycle`` starts it on a free one) serves the same model. ``preset`` is
+# left out: it resolves into the decoding fields.
+IDENTITY = ("model", "suite", "judge", "guard_config", "data_dir", "limit", "samples",
+            "temperature", "top_p", "max_tokens", "repetition_penalty", "seed")
 UNORDERED = ("suite", "judge")
 
 
-def identity(config: EvalConfig) -> dict[str, Any]:
-    values = config.to_dict()
+def identity(config: EvalConfig, model: str) -> dict[str, Any]:
+    values = config.to_dict() | {"model": model}
     return {key: sorted(values[key]) if key in UNORDERED else values[key] for key in IDENTITY}
 
 
-def check_rerun(out: Path, config: EvalConfig) -> bool:
+def check_rerun(out: Path, config: EvalConfig, model: str) -> bool:
     """Whether ``out`` holds a run with these settings (a resume); raises EvalError when it
     holds one with others. A folder without ``run.json`` is left to Inspect."""
     path = out / RUN_FILE
@@ -40,7 +42,7 @@ def check_rerun(out: Path, config: EvalConfig) -> bool:
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise EvalError(f"{path}: cannot read it ({error}); give another --out") from error
-    now = identity(config)
+    now = identity(config, model)
     changed = [f"{key} {earlier.get(key)!r} -> {now[key]!r}" for key in IDENTITY
                if earlier.get(key) != now[key]]
     if changed:
@@ -49,6 +51,7 @@ def check_rerun(out: Path, config: EvalConfig) -> bool:
     return True
 
 
-def record(out: Path, config: EvalConfig) -> None:
+def record(out: Path, config: EvalConfig, model: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps(identity(config), indent=2) + "\n", encoding="utf-8")
+    (out / RUN_FILE).write_text(json.dumps(identity(config, model), indent=2) + "\n",
+                                encoding="utf-8")
