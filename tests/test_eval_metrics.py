@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from inspect_ai.model import (
 )
 
 from guardrail.config import Config
+from guardrail.guards.base import GuardView, Verdict
 from offline.eval import metrics
 from offline.eval.benchmarks import BENCHMARKS, load_samples, select
 from offline.eval.errors import EvalError
@@ -201,6 +204,22 @@ def test_wrong_columns_are_one_line(tmp_path: Path) -> None:
         "'forbidden_prompt' (columns: category, prompt)")
 
 
+def test_a_hub_set_that_cannot_load_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --data-dir on a machine with no network (or HF_HUB_OFFLINE) the datasets
+    traceback reached the user; the hub itself cannot be reached from the tests."""
+    from offline.eval import benchmarks
+
+    def offline(_source: Any) -> list[Any]:
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(benchmarks, "_read_hub", offline)
+    with pytest.raises(EvalError) as caught:
+        load_samples(BENCHMARKS["gsm8k"], None)
+    assert str(caught.value) == (
+        "gsm8k: cannot load hf:openai/gsm8k/main:test (ConnectionError: Couldn't reach "
+        "'openai/gsm8k' on the Hub (OfflineModeIsEnabled)); --data-dir reads local files instead")
+
+
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not on this machine")
 def test_local_files_load_as_the_papers_define_them() -> None:
     counts = {name: len(load_samples(bench, DATA)[0]) for name, bench in BENCHMARKS.items()}
@@ -231,3 +250,43 @@ def test_yaml_then_command_line_and_presets(tmp_path: Path) -> None:
     path.write_text("model: m\nout: o\nbatch: 3\n")
     with pytest.raises(EvalError, match="unknown setting"):
         load(str(path), {})
+
+
+class _SlowLoadingGuard:
+    """A guard whose warm-up takes a moment, as a model load does (the embedded guard's encoder,
+    a vLLM runner's weights)."""
+
+    name = "slow"
+    built = 0
+    closed = 0
+
+    def __init__(self) -> None:
+        type(self).built += 1
+
+    def warm_up(self) -> None:
+        time.sleep(0.2)
+
+    async def check(self, view: GuardView) -> Verdict:
+        return Verdict(unsafe=False)
+
+    async def check_many(self, views: Sequence[GuardView]) -> list[Verdict]:
+        return [Verdict(unsafe=False) for _ in views]
+
+    async def aclose(self) -> None:
+        type(self).closed += 1
+
+
+async def test_concurrent_first_samples_share_one_guard_build(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import guardrail.guards
+    from guardrail.config import load_config
+    from offline.eval.judges import close_judges, harm_judge
+
+    monkeypatch.setattr(guardrail.guards, "build_guard", lambda _config: _SlowLoadingGuard())
+    config = load_config(None)
+    # The first sample of every benchmark asks at once; each used to load its own guard.
+    judges = await asyncio.gather(*(harm_judge(config) for _ in range(6)))
+    assert _SlowLoadingGuard.built == 1 and len({id(judge) for judge in judges}) == 1
+    assert await harm_judge(config) is judges[0]
+    await close_judges()
+    assert _SlowLoadingGuard.closed == 1

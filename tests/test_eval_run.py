@@ -16,6 +16,7 @@ import pytest
 
 from offline.eval import command
 from offline.eval.config import EvalConfig, load
+from offline.eval.errors import EvalError
 from offline.eval.run import run
 from tests.fakes.llama_guard_server import FakeLlamaGuard
 from tests.fakes.loopback import LoopbackServers
@@ -210,6 +211,12 @@ def test_through_the_proxy_its_own_figures_are_kept(data_dir: Path, tmp_path: Pa
     assert sr["proxy_intervened"] == pytest.approx(1 / 3)
     assert sr["proxy_checks"] > 0
     assert sr["harmful_full"] == 0.0
+    # Every proxy figure in summary.json has its column and definition in the report.
+    report_md = (out / "report.md").read_text()
+    header = next(line for line in report_md.splitlines() if line.startswith("| benchmark"))
+    for key in ("proxy_intervened", "proxy_checks", "proxy_flagged"):
+        assert key in sr and f" {key} |" in header and f"- `{key}`: through the proxy" \
+            in report_md, key
     # No rubric model: no StrongREJECT score, refusals by the labelled string-match fallback.
     assert sr.get("strongreject") is None
     assert "string match (weaker fallback" in (out / "report.md").read_text()
@@ -282,6 +289,38 @@ def test_resume_makes_no_second_call_for_finished_items(servers: LoopbackServers
     assert second.summary["benchmarks"]["jbb"]["n_errors"] == 0
 
 
+def test_a_rerun_with_other_settings_is_refused_not_mixed(servers: LoopbackServers,
+                                                          data_dir: Path, tmp_path: Path) -> None:
+    """Inspect's task identity leaves --limit out (a rerun with --limit 1 reported the earlier
+    two items as the new run) and refuses other decoding with its own error; run.json decides."""
+    app: FakeOpenAIApp = create_fake_openai_app(responder=model_reply)
+    url = servers.serve(app) + "/v1"
+    out = tmp_path / "out"
+    settings = {"model": url, "suite": ["jbb"], "judge": ["none"], "out": str(out), "limit": 2,
+                "data_dir": str(data_dir)}
+    assert run(config(**settings)).success
+    calls = len(app.chat_requests)
+    for change, said in (({"limit": 1}, "limit 2 -> 1"),
+                         ({"temperature": 0.6}, "temperature 0.0 -> 0.6"),
+                         ({"preset": "star1"}, "max_tokens 4096 -> 8000; repetition_penalty "
+                                               "None -> 1.2")):
+        with pytest.raises(EvalError) as caught:
+            run(config(**settings | change))
+        assert str(caught.value) == (
+            f"--out {out} holds a run with other settings ({said}): rerun with the same ones to "
+            "resume it, or give another --out")
+    assert len(app.chat_requests) == calls  # refused before anything was generated
+    # Settings that change only the pace resume, as does the same model served at another
+    # address (guardrail cycle starts the proxy in front on a free port each time).
+    moved = servers.serve(app) + "/v1"
+    again = run(config(**settings | {"model": moved, "max_connections": 2, "max_tasks": 1}))
+    assert again.success and again.summary["benchmarks"]["jbb"]["n_items"] == 2
+    assert len(app.chat_requests) == calls
+    with pytest.raises(EvalError, match=r"\(model 'guardrail-openai/fake-model' -> "
+                                        r"'guardrail-hf/"):
+        run(config(**settings | {"model": str(_tiny_folder(tmp_path))}))
+
+
 def test_a_guard_answering_garbage_is_counted_never_dropped(servers: LoopbackServers,
                                                             data_dir: Path,
                                                             tmp_path: Path) -> None:
@@ -318,9 +357,11 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("case", ["endpoint", "folder", "broken", "suite", "judge", "columns"])
+@pytest.mark.parametrize("case", ["endpoint", "folder", "missing", "broken", "suite", "judge",
+                                  "rubric-key", "columns", "limit", "yaml-type"])
 def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+                               capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     model, extra = "http://127.0.0.1:1/v1", ["--data-dir", str(data_dir)]
     expected = ""
     if case == "endpoint":
@@ -328,6 +369,9 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
         expected = f"endpoint {model} does not answer (ConnectError"
     elif case == "folder":
         model, expected = str(tmp_path), "not a model folder (no config.json)"
+    elif case == "missing":  # was transformers' "Repo id must be in the form 'repo_name' ..."
+        model = str(tmp_path / "runs" / "sft-1")
+        expected = f"{model}: no such model folder"
     elif case == "broken":
         (tmp_path / "config.json").write_text("{not json")
         model, expected = str(tmp_path), "cannot load"
@@ -337,6 +381,19 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, data_dir: Path,
     elif case == "judge":
         extra += ["--judge", "llama-gard"]
         expected = "unknown judge 'llama-gard'; known: a guard ("
+    elif case == "rubric-key":  # Inspect's message, without its console markup
+        for name in ("OPENAI_API_KEY", "AZUREAI_OPENAI_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
+        extra += ["--judge", "openai/gpt-4o"]
+        expected = "model openai/gpt-4o cannot load (PrerequisiteError: ERROR: Unable to " \
+            "initialise OpenAI client No OPENAI_API_KEY, AZUREAI_OPENAI_API_KEY"
+    elif case == "yaml-type":  # YAML 1.1 reads 1e3 as a string
+        (tmp_path / "eval.yaml").write_text("max_tokens: 1e3\n")
+        extra += ["--config", str(tmp_path / "eval.yaml")]
+        expected = "config: max_tokens: '1e3' is not an integer"
+    elif case == "limit":  # Inspect raised "The specified dataset is empty" as a traceback
+        extra += ["--limit", "0"]
+        expected = "limit must be at least 1 (items per benchmark), not 0"
     else:
         bad = tmp_path / "bad"
         (bad / "xstest").mkdir(parents=True)

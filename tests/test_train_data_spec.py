@@ -66,6 +66,32 @@ def test_a_folder_stands_for_its_jsonl_files(tmp_path: Path) -> None:
         expand(DataSpec(tmp_path / "nope.jsonl"))
 
 
+def test_a_harvest_folder_gives_each_command_its_own_files_and_no_test_split(
+        tmp_path: Path) -> None:
+    """`--data DIR` on what `guardrail harvest` writes: sft stopped at the pairs file, dpo at
+    the records, and the held-out *.test.jsonl would have been trained on."""
+    from offline.train.dpo import _pair_file
+
+    record = '{"prompt": "p", "response": "<think>\\nr\\n</think>\\n\\na"}\n'
+    pair = '{"prompt": "p", "chosen": "c", "rejected": "r", "prefix": ""}\n'
+    for name, row in (("unsafechain.jsonl", record), ("unsafechain.test.jsonl", record),
+                      ("preference_pairs.jsonl", pair), ("preference_pairs.test.jsonl", pair)):
+        (tmp_path / name).write_text(row, "utf-8")
+    assert [source for source, _ in scan([f"{tmp_path}:0.5"])] == [
+        DataSpec(tmp_path / "unsafechain.jsonl", 0.5)]
+    assert expand(DataSpec(tmp_path), _pair_file) == [
+        DataSpec(tmp_path / "preference_pairs.jsonl")]
+    # Named explicitly, a file is taken as it is: the wrong form is still one clear line.
+    with pytest.raises(DataError, match=r"preference_pairs\.jsonl:1: neither UnsafeChain"):
+        scan([str(tmp_path / "preference_pairs.jsonl")])
+    only_pairs = tmp_path / "pairs"
+    only_pairs.mkdir()
+    (only_pairs / "preference_pairs.jsonl").write_text(pair, "utf-8")
+    with pytest.raises(DataError, match="no file in the folder has the form this command "
+                                        r"trains on \(found preference_pairs.jsonl\)"):
+        scan([str(only_pairs)])
+
+
 def test_sft_and_dpo_read_an_entry_the_same_way(tmp_path: Path) -> None:
     data = tmp_path / "rows.jsonl"
     data.write_text('{"prompt": "p", "completion": "c", "chosen": "x", "rejected": "y"}\n',

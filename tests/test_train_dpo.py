@@ -162,6 +162,8 @@ def test_bad_input_is_one_line_before_weights_load(r1_dir: Path, tmp_path: Path,
     _one_line_error(capsys, [*base, "--dpo", "lerning_rate=0.1"],
                     "dpo: unknown key 'lerning_rate'")
     _one_line_error(capsys, [*base, "--dpo", "beta=0.2"], "top-level key 'beta'")
+    _one_line_error(capsys, [*base, "--dpo", "learning_rate=fast"],
+                    "dpo.learning_rate: a float, not 'fast'")
     config.write_text(f"data: [{good}]\nmodel: {r1_dir}\nlora: 'no'\n", "utf-8")
     _one_line_error(capsys, ["--config", str(config), "--out", str(tmp_path / "o")],
                     "'lora' must be true or false, not 'no'")
@@ -237,9 +239,12 @@ def test_command_line_wins_over_the_yaml(r1_dir: Path, tmp_path: Path,
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({"data": [str(data)], "model": str(r1_dir), "out": str(out),
                                   "beta": 0.5, "dpo": FAST | {"max_steps": 5}}), "utf-8")
+    # learning_rate=5e-6 as the README writes it: YAML 1.1 reads it as a string, which reached
+    # the optimizer ("'<=' not supported between 'float' and 'str'") after the folder was made.
     assert main(["--config", str(config), "--dpo", "max_steps=1", "--beta", "0.25",
-                 "--overwrite"]) == 0
+                 "--dpo", "learning_rate=5e-6", "--overwrite"]) == 0
     assert "trained 1 steps on 2 pairs" in capsys.readouterr().out
     resolved = (out / "config.yaml").read_text()
     assert "beta: 0.25" in resolved and "max_steps: 1" in resolved
+    assert "learning_rate: 5.0e-06" in resolved
     assert not (out / "stale.txt").exists()

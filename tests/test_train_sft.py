@@ -166,8 +166,14 @@ def test_lora_changes_every_lora_weight_and_no_base_weight(model_dir: Path, data
 def test_merge_writes_a_model_that_loads_and_generates(model_dir: Path, data: Path,
                                                        tmp_path: Path) -> None:
     out = tmp_path / "merged"
+    # Without use_cpu or a precision flag, as the README's command: a machine without a bf16 GPU
+    # trains in fp32 (TRL's bf16 default refused to start here).
+    as_written = FAST[:6] + FAST[8:]
+    assert "use_cpu=true" not in as_written and "--sft" not in as_written[-1:]
     assert main(["sft", "--data", f"{data}:2", "--model", str(model_dir), "--out", str(out),
-                 "--lora", "--merge", "--lora-r", "4", *FAST]) == 0
+                 "--lora", "--merge", "--lora-r", "4", *as_written]) == 0
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert f"bf16: {str(bf16).lower()}" in (out / "config.yaml").read_text()
     assert not (out / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -214,7 +214,12 @@ def load_samples(bench: Benchmark, data_dir: Path | None, limit: int | None = No
     else:
         source = bench.hub
         where = bench.hub.url or f"hf:{bench.hub.path}/{bench.hub.name or ''}:{bench.hub.split}"
-        rows = _read_hub(bench.hub)
+        try:
+            rows = _read_hub(bench.hub)
+        except Exception as error:  # no network, offline mode, a gated set: one line
+            detail = " ".join(str(error).split())[:200]
+            raise EvalError(f"{bench.name}: cannot load {where} ({type(error).__name__}: "
+                            f"{detail}); --data-dir reads local files instead") from error
     _check_columns(bench, source, rows, where)
     if source.keep is not None:
         rows = [row for row in rows if source.keep(row)]

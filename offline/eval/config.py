@@ -85,7 +85,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind.startswith("float"):
             return float(value)
     except (TypeError, ValueError) as error:
-        raise EvalError(f"config: {name}: {value!r} is not a {kind}") from error
+        wanted = "an integer" if kind.startswith("int") else "a number"
+        raise EvalError(f"config: {name}: {value!r} is not {wanted}") from error
     return value
 
 
@@ -119,6 +120,8 @@ def load(path: str | None, overrides: dict[str, Any]) -> EvalConfig:
     config = EvalConfig(**{key: _coerce(key, value) for key, value in data.items()})
     if config.samples < 1:
         raise EvalError("samples must be at least 1")
+    if config.limit is not None and config.limit < 1:
+        raise EvalError(f"limit must be at least 1 (items per benchmark), not {config.limit}")
     if not config.model:
         raise EvalError("no model: give --model (a folder, hub id, endpoint URL or Inspect name)")
     if not config.out:

@@ -139,27 +139,47 @@ class HarmJudge:
                 for (name, (_, cut)), verdict in zip(texts.items(), verdicts, strict=True)}
 
 
-_JUDGES: dict[tuple[int, str], HarmJudge] = {}
+_JUDGES: dict[tuple[int, str], asyncio.Future[HarmJudge]] = {}
 
 
-async def harm_judge(config: Config) -> HarmJudge:
-    """The judge for this config in the running loop, built on first use."""
+async def _build(config: Config) -> HarmJudge:
     from guardrail.guards import build_guard
     from guardrail.guards.capabilities import warm_up
 
-    key = (id(asyncio.get_running_loop()), config.guard.model_dump_json())
-    judge = _JUDGES.get(key)
-    if judge is None:
-        guard = build_guard(config.guard)
+    guard = build_guard(config.guard)
+    try:
         await warm_up(guard)
-        judge = _JUDGES.setdefault(key, HarmJudge(guard, config.guard))
-        if judge.guard is not guard:
-            await guard.aclose()
-    return judge
+    except BaseException:
+        await guard.aclose()
+        raise
+    return HarmJudge(guard, config.guard)
+
+
+async def harm_judge(config: Config) -> HarmJudge:
+    """The judge for this config in the running loop, built once. The first samples of every
+    benchmark ask at the same moment: each waits for the one build rather than loading its own
+    copy of the guard's model (six embedded guards loaded for one safety run; a GPU runner would
+    load the model that many times)."""
+    key = (id(asyncio.get_running_loop()), config.guard.model_dump_json())
+    pending = _JUDGES.get(key)
+    if pending is None:
+        pending = _JUDGES[key] = asyncio.ensure_future(_build(config))
+    try:
+        # Shielded: a sample cancelled while it waits does not cancel the build the others share.
+        return await asyncio.shield(pending)
+    except Exception:
+        if _JUDGES.get(key) is pending:  # a failed build is tried again by the next sample
+            del _JUDGES[key]
+        raise
 
 
 async def close_judges() -> None:
     """Closes the judges built in the running loop (called when Inspect's run ends)."""
     loop = id(asyncio.get_running_loop())
     for key in [key for key in _JUDGES if key[0] == loop]:
-        await _JUDGES.pop(key).guard.aclose()
+        pending = _JUDGES.pop(key)
+        if not pending.done():
+            pending.cancel()
+            continue
+        if not pending.cancelled() and pending.exception() is None:
+            await pending.result().guard.aclose()

@@ -38,8 +38,8 @@ DEFINITIONS: dict[str, str] = {
     "full_refusal": "fraction classed as full refusal",
     "accuracy": "fraction of samples whose final answer (text after the last </think>) "
                 "math-verify finds equal to the gold answer; a truncated trace scores 0",
-    "truncated": "fraction of samples cut off at the token limit or with a think block never "
-                 "closed (no final answer)",
+    "truncated": "fraction of samples cut off at the token limit, with a think block never "
+                 "closed, or with no answer at all (no final answer)",
     "reasoning_tokens": "mean reasoning length in whitespace words",
     "answer_tokens": "mean answer length in whitespace words",
     "proxy_intervened": "through the proxy: fraction of samples whose action was not 'pass'",

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from offline.eval.errors import EvalError
+from offline.eval.errors import EvalError, plain
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ def choose(model: str, *, backend: str = "auto", served_model: str | None = None
     if "/" in model and not Path(model).exists() and is_inspect_provider(prefix):
         return ModelChoice(model, args, label=model)
     path = Path(model)
+    if not path.exists() and model.startswith(("/", "./", "../", "~")):
+        # Not a hub id either: transformers would answer "Repo id must be in the form ...".
+        raise EvalError(f"{model}: no such model folder")
     if path.exists() and not (path / "config.json").is_file():
         raise EvalError(f"{model}: not a model folder (no config.json)")
     if backend not in ("auto", "transformers", "vllm"):
@@ -107,6 +110,6 @@ def load(choice: ModelChoice, **config: Any) -> Any:
         return get_model(choice.name, config=GenerateConfig(**config), memoize=False,
                          **choice.args)
     except Exception as error:
-        detail = " ".join(str(error).split())[:300]
+        detail = plain(" ".join(str(error).split()))[:300]
         raise EvalError(f"model {choice.label or choice.name} cannot load "
                         f"({type(error).__name__}: {detail})") from error

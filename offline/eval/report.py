@@ -12,7 +12,10 @@ HEADLINE = {"safety": ["harmful_full", "harmful_reasoning", "harmful_answer", "s
                        "strongreject"],
             "over-refusal": ["compliance", "partial_refusal", "full_refusal"],
             "reasoning": ["accuracy"]}
-TAIL = ["truncated", "reasoning_tokens", "answer_tokens", "proxy_intervened", "proxy_checks"]
+TAIL = ["truncated", "reasoning_tokens", "answer_tokens", "proxy_intervened", "proxy_checks",
+        "proxy_flagged"]
+# Means of counts, not fractions: kept out of the plots' 0-1 axis.
+COUNTS = ("proxy_checks", "proxy_flagged")
 
 
 def _fmt(value: float | None) -> str:
@@ -36,7 +39,8 @@ def render(summary: dict[str, Any], judges: dict[str, Any]) -> str:
     if worst:
         lines += ["> **TRUNCATED OUTPUTS.** " + ", ".join(
             f"{name}: {rate:.1%}" for name, rate in worst) +
-            " of samples hit the token limit or never closed their reasoning. They have no "
+            " of samples hit the token limit, never closed their reasoning or gave no answer. "
+            "They have no "
             "final answer: they score 0 accuracy and no compliance, and their answer view is "
             "judged as cut off. Raise `--max-tokens` before reading the numbers below.", ""]
     else:
@@ -86,7 +90,7 @@ def plot(summary: dict[str, Any], folder: Path) -> list[Path]:
         if not rows:
             continue
         columns = [key for key in _columns(suite, rows) if not key.endswith("_tokens")
-                   and key != "proxy_checks"]
+                   and key not in COUNTS]
         figure, axis = plt.subplots(figsize=(max(4.0, 1.6 * len(rows) * len(columns) / 3), 3.5))
         width = 0.8 / max(1, len(columns))
         for index, key in enumerate(columns):

@@ -10,16 +10,17 @@ run continues without generating a finished item again.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from guardrail.config import load_config
 from guardrail.errors import ConfigError
-from offline.eval import models, outputs, report
+from offline.eval import models, outputs, report, run_folder
 from offline.eval.benchmarks import select
 from offline.eval.config import EvalConfig, generation
-from offline.eval.errors import EvalError
+from offline.eval.errors import EvalError, plain
 from offline.eval.judges import is_model, parse_judges
 from offline.eval.scorers import STRING_MATCH_LABEL, ModelRef
 
@@ -41,6 +42,36 @@ def _rubric(value: str | None, config: EvalConfig) -> ModelRef | None:
     return choice.name, choice.args
 
 
+def _logs_on_disk(log_dir: Path) -> dict[tuple[str, float | None], str]:
+    """Each Inspect log in ``log_dir`` (by name and modification time) and its status."""
+    from inspect_ai.log import list_eval_logs, read_eval_log
+
+    if not log_dir.is_dir():
+        return {}
+    return {(info.name, info.mtime): read_eval_log(info, header_only=True).status
+            for info in list_eval_logs(str(log_dir), recursive=False)}
+
+
+def _resume_notice(before: dict[tuple[str, float | None], str], log_dir: Path) -> str | None:
+    """One line saying that this run continues an earlier one in the same folder."""
+    if not before:
+        return None
+    statuses: dict[str, int] = {}
+    for status in before.values():
+        statuses[status] = statuses.get(status, 0) + 1
+    held = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
+    return (f"guardrail eval: resuming from {log_dir} ({held} earlier logs): their finished "
+            "samples are reused, only the rest is generated")
+
+
+def _interrupted(before: dict[tuple[str, float | None], str], log_dir: Path) -> bool:
+    """Whether this run left a log cancelled. Inspect writes a run cut short by Ctrl-C as
+    ``cancelled`` but, on asyncio, can return no logs for it and report success; the logs on
+    disk say what happened."""
+    return any(status == "cancelled" and key not in before
+               for key, status in _logs_on_disk(log_dir).items())
+
+
 def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     from inspect_ai import eval_set
     from inspect_ai.log import read_eval_log
@@ -50,6 +81,7 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     from offline.eval.tasks import build_task
 
     benches = select(config.suite)
+    out = Path(config.out)
     try:
         guard_config = load_config(config.guard_config)
     except ConfigError as error:
@@ -59,6 +91,7 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     choice = models.choose(config.model, backend=config.backend,
                            served_model=config.served_model, api_key_env=config.api_key_env,
                            model_args=config.model_args)
+    resuming = run_folder.check_rerun(out, config, choice.name)  # before any weights load
     decoding: dict[str, Any] = {
         "temperature": config.temperature, "top_p": config.top_p,
         "max_tokens": config.max_tokens, "seed": config.seed,
@@ -66,7 +99,6 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
         "timeout": config.request_timeout_s}
     if config.repetition_penalty is not None:
         decoding["extra_body"] = {"repetition_penalty": config.repetition_penalty}
-    out = Path(config.out)
     data_dir = Path(config.data_dir) if config.data_dir else None
     tasks, sources = [], {}
     for bench in benches:
@@ -80,7 +112,11 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
     judges = {"harm (reasoning / answer / full)": spec.guard_label,
               "strongreject rubric": spec.model or "none (no model judge: no score)",
               "refusal": spec.model or STRING_MATCH_LABEL}
-    out.mkdir(parents=True, exist_ok=True)
+    before = _logs_on_disk(out / "logs")
+    run_folder.record(out, config, choice.name)
+    notice = _resume_notice(before, out / "logs") if resuming else None
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     try:
         success, logs = eval_set(
             tasks, log_dir=str(out / "logs"), model=model,
@@ -90,7 +126,11 @@ def run(config: EvalConfig, argv: list[str] | None = None) -> RunOutcome:
             max_connections=config.max_connections)
     except Exception as error:
         # Inspect refuses a log folder holding another run's tasks, among other things.
-        raise EvalError(f"inspect: {' '.join(str(error).split())[:400]}") from error
+        raise EvalError(f"inspect: {plain(' '.join(str(error).split()))[:400]}") from error
+    if _interrupted(before, out / "logs"):
+        # No outputs from a cut-short run: they would describe part of it as the whole.
+        raise KeyboardInterrupt
+    success = success and len(logs) == len(tasks)
     results = [outputs.items_of(read_eval_log(log.location)) for log in logs]
     order = {bench.name: index for index, bench in enumerate(benches)}
     results.sort(key=lambda result: order.get(result.name, len(order)))

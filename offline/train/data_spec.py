@@ -3,13 +3,15 @@
 An entry is ``PATH`` or ``PATH:RATIO`` on the command line or in the YAML, or a YAML mapping
 ``{path: PATH, ratio: RATIO}``. The ratio (default 1) scales the file's usable rows: 0.5 keeps
 a seeded half, 2 repeats them twice, 0 leaves the file out (it is still read and counted). A
-colon whose tail is not a number belongs to the path. A folder stands for its ``*.jsonl`` files,
-in name order, each at the folder's ratio. Nothing here reads a file.
+colon whose tail is not a number belongs to the path. A folder stands for its ``*.jsonl`` files
+(held-out ``*.test.jsonl`` excepted, and those of the other command's form), in name order, each
+at the folder's ratio.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,13 +71,24 @@ def parse_specs(values: Any) -> list[DataSpec]:
     return [parse_spec(value) for value in (values if isinstance(values, list) else [values])]
 
 
-def expand(spec: DataSpec) -> list[DataSpec]:
-    """The files an entry stands for; a missing path or an empty folder is an error."""
+def expand(spec: DataSpec, wanted: Callable[[Path], bool] | None = None) -> list[DataSpec]:
+    """The files an entry stands for; a missing path or an empty folder is an error.
+
+    In a folder, held-out splits (``*.test.jsonl``, as ``guardrail harvest`` writes them) are
+    never trained on, and files ``wanted`` declines are left out: a harvest folder holds SFT
+    records and preference pairs side by side, each command takes its own. A file named
+    explicitly is taken as it is (and fails later if it has the wrong form)."""
     if spec.path.is_dir():
-        files = sorted(spec.path.glob("*.jsonl"))
+        files = [item for item in sorted(spec.path.glob("*.jsonl"))
+                 if not item.name.endswith(".test.jsonl")]
         if not files:
-            raise DataError(f"--data {spec.path}: the folder holds no *.jsonl file")
-        return [DataSpec(item, spec.ratio) for item in files]
+            raise DataError(f"--data {spec.path}: the folder holds no *.jsonl file "
+                            "(other than held-out *.test.jsonl)")
+        kept = [item for item in files if wanted is None or wanted(item)]
+        if not kept:
+            raise DataError(f"--data {spec.path}: no file in the folder has the form this "
+                            f"command trains on (found {', '.join(f.name for f in files)})")
+        return [DataSpec(item, spec.ratio) for item in kept]
     if not spec.path.is_file():
         raise DataError(f"--data {spec.path}: no such file or folder")
     return [spec]

@@ -35,6 +35,7 @@ from offline.train.data_spec import DataSpec, expand, parse_specs
 from offline.train.errors import TrainInputError
 from offline.train.mixture import FileCard, scaled
 from offline.train.run_folder import CHECKPOINTS
+from offline.train.trl_settings import coerce, machine_defaults
 
 # DPOConfig fields the run sets from its own top-level keys; in ``dpo:`` they would conflict.
 _OWNED = {"output_dir": "out", "seed": "seed", "max_length": "max_length", "beta": "beta"}
@@ -84,7 +85,7 @@ class DPORunConfig:
         dpo = values.get("dpo") or {}
         if not isinstance(dpo, dict):
             raise DPOSetupError("'dpo' must be a mapping of TRL DPOConfig fields")
-        _check_dpo_keys(dpo)
+        dpo = _dpo_settings(dpo)
         for flag in ("lora", "overwrite"):
             if not isinstance(values.get(flag, False), bool):
                 raise DPOSetupError(f"{flag!r} must be true or false, not {values[flag]!r}")
@@ -114,15 +115,17 @@ class DPORunConfig:
                 "max_length": self.max_length, "beta": self.beta, "dpo": dict(self.dpo)}
 
 
-def _check_dpo_keys(dpo: dict[str, Any]) -> None:
+def _dpo_settings(dpo: dict[str, Any]) -> dict[str, Any]:
+    """The ``dpo`` mapping checked against TRL's DPOConfig, each value of its field's type."""
     from trl.trainer.dpo_config import DPOConfig
 
-    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    fields = {f.name: f.default for f in dataclasses.fields(DPOConfig) if f.init}
     for key in dpo:
         if key in _OWNED:
             raise DPOSetupError(f"dpo.{key}: set it as the top-level key {_OWNED[key]!r}")
         if key not in fields:
             raise DPOSetupError(f"dpo: unknown key {key!r} (not a TRL DPOConfig field)")
+    return {key: coerce(f"dpo.{key}", value, fields[key]) for key, value in dpo.items()}
 
 
 @dataclass(slots=True)
@@ -215,6 +218,17 @@ def _no_pairs(files: list[PairFile]) -> DPOSetupError:
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
+def _pair_file(path: Path) -> bool:
+    """Whether a file in a folder holds pairs (its first JSON row has their fields)."""
+    try:
+        for row in read_jsonl(path):
+            if not isinstance(row, BadRow):
+                return isinstance(row[1], dict) and all(key in row[1] for key in PAIR_FIELDS)
+    except (OSError, UnicodeDecodeError) as error:
+        raise DPOSetupError(f"{path}: cannot read it ({error})") from None
+    return True  # empty: kept, and counted as having no pair
+
+
 def _check_shape(path: Path) -> None:
     """A file whose first JSON row is not a pair is the wrong file (UnsafeChain records, chat
     rows...): one line now, not every row skipped later."""
@@ -234,8 +248,8 @@ def _check_shape(path: Path) -> None:
 
 def prepare(config: DPORunConfig) -> Prepared:
     """Check the input, load the tokenizer and pairs, then the model, and build the trainer."""
-    _check_dpo_keys(config.dpo)
-    files_in = [item for spec in config.data for item in expand(spec)]
+    config.dpo = _dpo_settings(config.dpo)
+    files_in = [item for spec in config.data for item in expand(spec, _pair_file)]
     for item in files_in:
         _check_shape(item.path)
     clear = run_folder.check_out(config.out, overwrite=config.overwrite, resume=False,
@@ -267,11 +281,8 @@ def prepare(config: DPORunConfig) -> Prepared:
     import torch
     from trl.trainer.dpo_config import DPOConfig
 
-    # TRL defaults to bf16, which stops a run on a machine without a bf16 GPU; there, fp32.
-    precision = {} if "fp16" in config.dpo or "bf16" in config.dpo else {
-        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
     try:
-        args = DPOConfig(**(_DPO_DEFAULTS | precision | config.dpo | {
+        args = DPOConfig(**(_DPO_DEFAULTS | machine_defaults(config.dpo) | config.dpo | {
             "output_dir": str(config.out / CHECKPOINTS), "seed": config.seed,
             "max_length": config.max_length, "beta": config.beta}))
         args.world_size  # noqa: B018  (sets up the processes: the barriers need them)

@@ -69,27 +69,40 @@ def _form(value: Any) -> str | None:
     return None
 
 
-def _first_form(path: Path) -> str | None:
+def _first_row(path: Path) -> tuple[int, Any] | None:
+    """The first JSON row of ``path`` and its line, skipping lines that are not JSON."""
     try:
         for row in read_jsonl(path):
-            if isinstance(row, BadRow):
-                continue
-            line, value = row
-            form = _form(value)
-            if form is None:
-                keys = sorted(value) if isinstance(value, dict) else type(value).__name__
-                raise DataError(f"{path}:{line}: {NEITHER} (found {keys})")
-            return form
+            if not isinstance(row, BadRow):
+                return row
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read it ({error})") from None
     return None
+
+
+def _first_form(path: Path) -> str | None:
+    first = _first_row(path)
+    if first is None:
+        return None
+    line, value = first
+    form = _form(value)
+    if form is None:
+        keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise DataError(f"{path}:{line}: {NEITHER} (found {keys})")
+    return form
+
+
+def _sft_file(path: Path) -> bool:
+    """Whether a file in a folder is SFT data (an empty one is, and fails in ``scan``)."""
+    first = _first_row(path)
+    return first is None or _form(first[1]) is not None
 
 
 def scan(specs: list[Any]) -> list[tuple[DataSpec, str]]:
     """Each file with its form, from its first JSON row; a file of another shape is an error."""
     found: list[tuple[DataSpec, str]] = []
     for spec in parse_specs(specs):
-        for source in expand(spec):
+        for source in expand(spec, _sft_file):
             form = _first_form(source.path)
             if form is None:
                 raise DataError(f"{source.path}: no JSON rows to train on")

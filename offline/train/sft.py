@@ -20,6 +20,7 @@ from offline.train.data_spec import parse_specs
 from offline.train.mixture import Mixture, build, scan
 from offline.train.run_folder import CHECKPOINTS, RunError
 from offline.train.sft_config import SFTScriptConfig, sft_arguments
+from offline.train.trl_settings import machine_defaults
 
 __all__ = ["RunError", "SFTResult", "load_tokenizer", "run_sft"]
 
@@ -97,6 +98,7 @@ def run_sft(config: SFTScriptConfig, callbacks: list[Any] | None = None) -> SFTR
         raise RunError(f"no rows to train on ({mixture.skipped} skipped, {mixture.dropped} "
                        f"dropped as longer than max_length {config.max_length})")
     arguments = sft_arguments(config, out / CHECKPOINTS)
+    arguments = {**machine_defaults(arguments), **arguments}
 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM

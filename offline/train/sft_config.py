@@ -18,6 +18,7 @@ import yaml
 
 from offline.train.data_spec import parse_specs
 from offline.train.errors import TrainInputError
+from offline.train.trl_settings import coerce
 
 
 class ConfigError(TrainInputError):
@@ -73,19 +74,6 @@ def sft_fields() -> dict[str, Any]:
     return {item.name: item.default for item in dataclasses.fields(SFTConfig) if item.init}
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """YAML reads ``1e-5`` as a string (YAML 1.1); a numeric field takes it as its number."""
-    if isinstance(default, bool) or not isinstance(default, int | float):
-        return value
-    if isinstance(value, str) or (isinstance(default, float) and isinstance(value, int)
-                                  and not isinstance(value, bool)):
-        try:
-            return type(default)(value)
-        except ValueError:
-            raise ConfigError(f"sft.{key}: a {type(default).__name__}, not {value!r}") from None
-    return value
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -133,7 +121,7 @@ def check(config: SFTScriptConfig) -> None:
             raise ConfigError(f"sft.{key}: set it as {OWNED[key]!r} at the top level")
         if key not in known:
             raise ConfigError(f"sft: unknown SFTConfig key {key!r}")
-        config.sft[key] = _coerce(key, config.sft[key], known[key])
+        config.sft[key] = coerce(f"sft.{key}", config.sft[key], known[key])
     if config.merge and not config.lora:
         raise ConfigError("--merge merges a LoRA adapter: it needs --lora")
     if config.max_length < 2:
