@@ -243,7 +243,7 @@ def test_command_line_wins_over_the_yaml(r1_dir: Path, tmp_path: Path,
     # the optimizer ("'<=' not supported between 'float' and 'str'") after the folder was made.
     assert main(["--config", str(config), "--dpo", "max_steps=1", "--beta", "0.25",
                  "--dpo", "learning_rate=5e-6", "--overwrite"]) == 0
-    assert "trained 1 steps on 2 pairs" in capsys.readouterr().out
+    assert "guardrail train dpo: trained 1 steps on 2 pairs" in capsys.readouterr().err
     resolved = (out / "config.yaml").read_text()
     assert "beta: 0.25" in resolved and "max_steps: 1" in resolved
     assert "learning_rate: 5.0e-06" in resolved

@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_sft(config)
     except TrainInputError as error:
         return _fail(str(error))
-    if not run_folder.is_main():  # under accelerate launch, one report, not one per process
+    main_process = run_folder.is_main()
+    run_folder.leave_process_group()
+    if not main_process:  # under accelerate launch, one report, not one per process
         return 0
     summary = result.summary
     print(f"{PROG}: {summary['global_step']} steps on {summary['rows']:,} rows "

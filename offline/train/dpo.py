@@ -416,10 +416,12 @@ def run_dpo(args: argparse.Namespace) -> int:
     except TrainInputError as error:
         print(f"guardrail train dpo: error: {error}", file=sys.stderr, flush=True)
         return 2
-    if run_folder.is_main():  # under accelerate launch, one report, not one per process
-        print(f"trained {summary['global_step']} steps on {summary['rows']} pairs "
-              f"({summary['records_skipped']} skipped, {summary['records_dropped']} dropped as "
-              f"too long); {summary['saved']} in {summary['out']}")
+    main_process = run_folder.is_main()
+    run_folder.leave_process_group()
+    if main_process:  # under accelerate launch, one report, not one per process
+        print(f"guardrail train dpo: trained {summary['global_step']} steps on {summary['rows']} "
+              f"pairs ({summary['records_skipped']} skipped, {summary['records_dropped']} dropped "
+              f"as too long); {summary['saved']} in {summary['out']}", file=sys.stderr, flush=True)
     return 0
 
 

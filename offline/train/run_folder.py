@@ -78,6 +78,18 @@ def barrier() -> None:
     PartialState().wait_for_everyone()
 
 
+def leave_process_group() -> None:
+    """End a multi-process run cleanly: every rank waits, then the process group is destroyed.
+    Without it gloo's threads can still be running at interpreter exit and abort a rank
+    ("terminate called without an active exception") after its work was done."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 def open_out(out: Path, *, clear: bool, resume: bool) -> None:
     """Make ``out`` ready on the main process, once every process has checked the input.
 
