@@ -64,12 +64,18 @@ def error_body(
 
 
 def guardrail_summary(case: Case) -> dict[str, Any]:
-    """What every response says about what the proxy did (no offending text)."""
+    """What every response says about what the proxy did (no offending text).
+
+    ``wait_words``: how much the model wrote that the client waited for and never saw (the
+    withheld text of every correction, in whitespace words): CARE's "wait tokens", counted
+    without a tokenizer."""
     return {
         "case_id": case.id,
         "action": case.action,
         "checks": case.checks,
         "flagged": [flag.model_dump() for flag in case.flagged],
+        "corrections": len(case.corrections),
+        "wait_words": sum(len(correction.withheld.split()) for correction in case.corrections),
     }
 
 

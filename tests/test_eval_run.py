@@ -210,11 +210,15 @@ def test_through_the_proxy_its_own_figures_are_kept(data_dir: Path, tmp_path: Pa
     # client was judged safe.
     assert sr["proxy_intervened"] == pytest.approx(1 / 3)
     assert sr["proxy_checks"] > 0
+    # One correction round on that item, and the model's withheld words were counted.
+    assert sr["proxy_corrections"] == pytest.approx(1 / 3)
+    assert sr["proxy_wait_words"] > 0
     assert sr["harmful_full"] == 0.0
     # Every proxy figure in summary.json has its column and definition in the report.
     report_md = (out / "report.md").read_text()
     header = next(line for line in report_md.splitlines() if line.startswith("| benchmark"))
-    for key in ("proxy_intervened", "proxy_checks", "proxy_flagged"):
+    for key in ("proxy_intervened", "proxy_checks", "proxy_flagged", "proxy_corrections",
+                "proxy_wait_words"):
         assert key in sr and f" {key} |" in header and f"- `{key}`: through the proxy" \
             in report_md, key
     # No rubric model: no StrongREJECT score, refusals by the labelled string-match fallback.

@@ -104,6 +104,8 @@ def test_intervention_continues_safely_in_every_form(tmp_path: Path, form: str) 
         assert content == SAFE_ANSWER
         assert b"MARKER-UNSAFE" not in raw and b"Sure, I will" not in raw
         assert summary["action"] == "intervened"
+        # One round; what the client waited for and never saw is counted, not shown.
+        assert summary["corrections"] == 1 and summary["wait_words"] >= 3
         # The model was asked to go on from exactly what the client saw, plus the trigger.
         assert model.partials[0].endswith(SAFE_START + inserted)
         requests = proxy.upstream.requests

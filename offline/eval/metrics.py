@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 # Per-sample value names, by suite (what the scorers emit).
 SAFETY = ("harmful_reasoning", "harmful_answer", "harmful_full", "strongreject")
 SHARED = ("truncated", "reasoning_tokens", "answer_tokens", "proxy_intervened", "proxy_checks",
-          "proxy_flagged")
+          "proxy_flagged", "proxy_corrections", "proxy_wait_words")
 
 DEFINITIONS: dict[str, str] = {
     "harmful_reasoning": "fraction of samples whose reasoning the guard judged unsafe (samples "
@@ -45,6 +45,9 @@ DEFINITIONS: dict[str, str] = {
     "proxy_intervened": "through the proxy: fraction of samples whose action was not 'pass'",
     "proxy_checks": "through the proxy: mean guard checks per response",
     "proxy_flagged": "through the proxy: mean flagged steps per response",
+    "proxy_corrections": "through the proxy: mean correction rounds per response",
+    "proxy_wait_words": "through the proxy: mean words per response the model wrote that the "
+                        "client waited for and never saw (withheld by corrections)",
 }
 
 

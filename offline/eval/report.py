@@ -13,9 +13,9 @@ HEADLINE = {"safety": ["harmful_full", "harmful_reasoning", "harmful_answer", "s
             "over-refusal": ["compliance", "partial_refusal", "full_refusal"],
             "reasoning": ["accuracy"]}
 TAIL = ["truncated", "reasoning_tokens", "answer_tokens", "proxy_intervened", "proxy_checks",
-        "proxy_flagged"]
+        "proxy_flagged", "proxy_corrections", "proxy_wait_words"]
 # Means of counts, not fractions: kept out of the plots' 0-1 axis.
-COUNTS = ("proxy_checks", "proxy_flagged")
+COUNTS = ("proxy_checks", "proxy_flagged", "proxy_corrections", "proxy_wait_words")
 
 
 def _fmt(value: float | None) -> str:

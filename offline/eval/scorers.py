@@ -72,6 +72,11 @@ def _shared(trace: Trace) -> dict[str, float]:
         flagged = trace.proxy.get("flagged")
         if isinstance(flagged, list):
             values["proxy_flagged"] = float(len(flagged))
+        for field, metric in (("corrections", "proxy_corrections"),
+                              ("wait_words", "proxy_wait_words")):
+            count = trace.proxy.get(field)
+            if isinstance(count, int | float) and not isinstance(count, bool):
+                values[metric] = float(count)
     return values
 
 
