@@ -235,6 +235,19 @@ class ServerConfig(_Section):
                 for number, key in enumerate(self.admin_keys, start=1)]
 
 
+class TelemetryConfig(_Section):
+    """OpenTelemetry traces (the ``otel`` extra). Off unless an endpoint is set here or in the
+    standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+    variables; the other ``OTEL_*`` variables (headers, sampler, resource) apply as usual."""
+
+    otlp_endpoint: str | None = None
+    """An OTLP/HTTP collector's base URL, e.g. ``http://otel-collector:4318``; spans go to
+    ``<endpoint>/v1/traces``."""
+    service_name: str | None = None
+    """``service.name`` of the spans; by default ``OTEL_SERVICE_NAME``, else
+    ``reasoning-guardrail``."""
+
+
 class Config(_Section):
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
@@ -242,6 +255,7 @@ class Config(_Section):
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
 
 def expand_env(value: Any, path: str = "") -> Any:

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,6 +55,7 @@ from guardrail.guards.base import Guard, GuardView, Verdict
 from guardrail.metrics import Metrics
 from guardrail.step_checker import StepChecker, record_verdict
 from guardrail.steps import StepSplitter
+from guardrail.tracing import NO_SPAN, Attributes, Span
 from guardrail.upstreams.base import ChatRequest, Upstream
 from guardrail.views import build_view, request_text
 
@@ -187,7 +188,10 @@ class GuardedStream:
     """One guarded response. Iterate ``events()`` once; the ``case`` fills in as it goes and is
     complete when the iteration ends, however it ends. ``ended`` says how: ``finished`` (the
     last event was a ``Finish``), ``failed`` (an exception left ``events()``), or None (the
-    iteration was closed before the end: the client left)."""
+    iteration was closed before the end: the client left).
+
+    ``span`` is the request's trace span: each round's upstream call, each guard check and each
+    correction get a child span (``guardrail.tracing``; ``NO_SPAN`` when traces are off)."""
 
     def __init__(
         self,
@@ -201,6 +205,7 @@ class GuardedStream:
         case: Case,
         on_checking: Callable[[], None] | None = None,
         on_end: Callable[[], None] | None = None,
+        span: Span = NO_SPAN,
     ) -> None:
         """``on_checking`` is called once: when the first check is sent to the guard, or when
         the stream ends without one; ``on_end`` once, when the stream ends, however it ends (an
@@ -228,6 +233,9 @@ class GuardedStream:
         self._aborted: GuardrailError | None = None
         self._on_checking = on_checking
         self._on_end = on_end
+        self.span = span
+        self._round_span = span  # the parent of a round's spans: the request, or its correction
+        self._correction_span: Span | None = None
         case.mode = config.stream.mode if self._checking else "passthrough"
         case.guard = guard.name
 
@@ -272,6 +280,7 @@ class GuardedStream:
                     self._history.append(delta.text)
                     yield delta
                 if plan.continuation is None:
+                    self._end_correction_span("ended")
                     self._count_corrections()
                     yield self._finish(plan.finish_reason)
                     return
@@ -284,6 +293,8 @@ class GuardedStream:
             self.ended = "failed"
             raise internal_error(error) from error
         finally:
+            if self._correction_span is not None:  # the client left, or a failure
+                self._correction_span.end()
             self._checking_started()  # ended without a check: no load to come either
             if self._on_end is not None:
                 callback, self._on_end = self._on_end, None
@@ -437,6 +448,10 @@ class GuardedStream:
     async def _produce(self, source: AsyncIterator[UpstreamEvent], round_: _Round) -> None:
         current: Channel | None = None
         handled = 0
+        span = self._round_span.child("guardrail.upstream", {
+            "guardrail.upstream": self.upstream.name, "guardrail.round": round_.number,
+        }, kind="client")
+        ending = "cancelled"  # a flag or a client that left stops the upstream early
         try:
             async for event in source:
                 handled += 1
@@ -467,14 +482,21 @@ class GuardedStream:
             for channel, splitter in round_.splitters.items():
                 self._emit_steps(round_, channel, splitter.finish())
             round_.inbox.put_nowait(_End())
+            ending = "completed"
         except UpstreamError as error:
             round_.inbox.put_nowait(_Failure(error))
+            ending = "failed"
+            span.fail(type(error).__name__)
         except Exception as error:
             # A bug in a backend (a parser, a corrector's stream) still ends the round cleanly.
             logger.error("upstream %s failed", self.upstream.name, exc_info=error)
             round_.inbox.put_nowait(_Failure(UpstreamStreamBroken(
                 f"upstream failed: {type(error).__name__}: {error}")))
+            ending = "failed"
+            span.fail(type(error).__name__)
         finally:
+            span.set({"guardrail.outcome": ending, "guardrail.events": handled})
+            span.end()
             if isinstance(source, Closable):
                 # Closing the upstream generator closes its HTTP request: generation stops.
                 # Shielded, so that a second cancellation cannot leave the request open.
@@ -498,7 +520,7 @@ class GuardedStream:
             if self._checking:
                 view = build_view(self._request_text, self._history, text, channel,
                                   self.config.guard.window_steps, round_.number)
-                check = asyncio.create_task(self._check(view, record))
+                check = asyncio.create_task(self._check(view, record, self._round_span))
                 self._checking_started()
             self._history.append(text)
             step = _Step(record, check, held)
@@ -542,9 +564,24 @@ class GuardedStream:
 
     # -- guard checks ------------------------------------------------------------------------
 
-    async def _check(self, view: GuardView, record: StepRecord) -> Verdict:
-        async with self._semaphore:
-            verdict = await self._checker.check(view)
+    async def _check(self, view: GuardView, record: StepRecord, parent: Span) -> Verdict:
+        span = parent.child("guardrail.guard_check", {
+            "guardrail.guard": self.guard.name, "guardrail.step": record.index,
+            "guardrail.channel": record.channel, "guardrail.round": record.round,
+        })
+        try:
+            queued = time.perf_counter()
+            async with self._semaphore:
+                waited = time.perf_counter() - queued
+                verdict = await self._checker.check(view)
+            span.set({"guardrail.wait_ms": waited * 1000, **_verdict_attributes(verdict)})
+            if verdict.error is not None:
+                span.fail(str(verdict.extra.get("error_kind", "guard_error")))
+        except asyncio.CancelledError:
+            span.set({"guardrail.cancelled": True})  # the round ended before its verdict
+            raise
+        finally:
+            span.end()
         record_verdict(record, verdict)
         timings = self.case.timings
         timings.guard_total_ms += verdict.latency_s * 1000
@@ -565,6 +602,7 @@ class GuardedStream:
         self, round_: _Round, outcome: Flagged | Failed
     ) -> tuple[CorrectionPlan, Correction]:
         number = round_.number + 1
+        self._start_correction_span(number, outcome)
         correction = Correction(round=number, strategy=self.corrector.name,
                                 withheld=round_.withheld)
         self.case.corrections.append(correction)
@@ -588,6 +626,7 @@ class GuardedStream:
             self.case.action = "error"
             self.metrics.errors.labels("guard").inc()
             correction.strategy = "error"
+            self._note_plan(correction.strategy, "error", {})
             return CorrectionPlan(action="error", finish_reason="content_filter"), correction
         corrector = self.corrector
         if number > self.config.correction.max_rounds:
@@ -617,6 +656,7 @@ class GuardedStream:
         correction.strategy = corrector.name
         correction.inserted = "".join(delta.text for delta in plan.inserted)
         correction.extra.update(plan.details)
+        self._note_plan(corrector.name, plan.action, plan.details)
         if plan.continuation is not None:
             self.metrics.interventions.labels(corrector.name,
                                               plan.details.get("form", "")).inc()
@@ -632,8 +672,39 @@ class GuardedStream:
         correction.extra["recovered"] = recovered
         label = {"completed": "recovered", "flagged": "unsafe_again", "failed": "failed"}
         self.metrics.recoveries.labels(label[correction.outcome]).inc()
+        self._end_correction_span(label[correction.outcome])
         if recovered:
             self._count_corrections()
+
+    # -- trace spans of corrections ----------------------------------------------------------
+
+    def _start_correction_span(self, number: int, outcome: Flagged | Failed) -> None:
+        """A correction round's span: the corrector's plan, then its continuation's upstream
+        call and checks as children."""
+        attributes: dict[str, str | int | list[str]] = {"guardrail.round": number}
+        if isinstance(outcome, Flagged):
+            attributes["guardrail.cause"] = "flagged"
+            attributes["guardrail.step"] = outcome.step.record.index
+            attributes["guardrail.categories"] = list(outcome.verdict.categories)
+        else:
+            attributes["guardrail.cause"] = "failed"
+        self._correction_span = self._round_span = self.span.child("guardrail.correction",
+                                                                   attributes)
+
+    def _note_plan(self, strategy: str, action: str, details: Mapping[str, object]) -> None:
+        if self._correction_span is not None:
+            form = details.get("form")
+            self._correction_span.set({"guardrail.strategy": strategy, "guardrail.action": action,
+                                       **({"guardrail.form": form} if isinstance(form, str)
+                                          else {})})
+
+    def _end_correction_span(self, outcome: str) -> None:
+        """``outcome``: recovered, unsafe_again, failed (the continuation's), or ended (no
+        continuation: a refusal, a block, an error)."""
+        if self._correction_span is not None:
+            self._correction_span.set({"guardrail.outcome": outcome})
+            self._correction_span.end()
+            self._correction_span = None
 
     def _count_corrections(self) -> None:
         if self.case.corrections:
@@ -656,6 +727,21 @@ def _flag_cause(record: StepRecord, verdict: Verdict) -> str:
     score = f" {verdict.score:.2f}" if verdict.score is not None else ""
     return (f"step {record.index} ({record.channel}, round {record.round}) judged unsafe: "
             f"{categories}{score}")
+
+
+def _verdict_attributes(verdict: Verdict) -> Attributes:
+    """What a check span says of its verdict: never the step's text nor the guard's output."""
+    attributes: dict[str, str | float | list[str]] = {
+        "guardrail.verdict": ("error" if verdict.error is not None
+                              else "unsafe" if verdict.unsafe else "safe"),
+        "guardrail.categories": list(verdict.categories),
+    }
+    if verdict.score is not None:
+        attributes["guardrail.score"] = verdict.score
+    rule = verdict.extra.get("rule")
+    if isinstance(rule, str):
+        attributes["guardrail.rule"] = rule
+    return attributes
 
 
 def _judged_safe(step: _Step) -> bool:

@@ -108,7 +108,8 @@ class StepChecker:
         if self.metrics is not None:
             self.metrics.guard_errors.labels(self.guard.name, kind, decision).inc()
         logger.warning("guard %s %s (%s): %s", self.guard.name, kind, decision, message)
-        return Verdict(unsafe=decision == "block", categories=("guard_error",), error=message)
+        return Verdict(unsafe=decision == "block", categories=("guard_error",), error=message,
+                       extra={"error_kind": kind})
 
     def _finish(self, view: GuardView, verdict: Verdict, started: float) -> Verdict:
         latency = time.perf_counter() - started

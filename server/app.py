@@ -17,6 +17,7 @@ from guardrail import __version__
 from guardrail.config import Config
 from guardrail.errors import ConfigError, GuardrailError
 from guardrail.metrics import scrape_registry
+from guardrail.tracing import Tracer
 from server import admin, chat
 from server.body_limit import BodyLimitMiddleware
 from server.drain import Drain
@@ -50,10 +51,13 @@ def create_app(
     config: Config | None = None,
     on_fatal: Callable[[GuardrailError], None] | None = None,
     rate_limit_file: Path | None = None,
+    *,
+    tracer: Tracer | None = None,
 ) -> FastAPI:
     """``on_fatal`` is told of a start-up error found after the server started listening (a
     guard model that fails to load while it warms up); ``guardrail serve`` stops then.
-    ``rate_limit_file``: the rate limit's buckets shared with the other workers."""
+    ``rate_limit_file``: the rate limit's buckets shared with the other workers.
+    ``tracer``: where request traces go; by default what ``config.telemetry`` asks for."""
     config = config or Config()
     drain = Drain()
 
@@ -65,7 +69,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            services = await Services.start(config, drain)
+            services = await Services.start(config, drain, tracer)
         except ConfigError as error:
             # Kept for ``guardrail serve``, which reports it as one line, not a traceback.
             app.state.startup_error = error

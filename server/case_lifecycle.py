@@ -75,9 +75,25 @@ class CaseLifecycle:
             status = "error" if case.action == "error" else "ok"
             metrics.requests.labels(str(case.stream).lower(), status).inc()
             services.sync_stats()
+            span = self.stream.span
+            span.set({"guardrail.action": case.action, "guardrail.status": status,
+                      "http.response.status_code": self.status_code,
+                      "guardrail.steps": len(case.steps), "guardrail.flagged": len(case.flagged),
+                      "guardrail.corrections": len(case.corrections)})
+            if self._failure is not None:
+                span.fail(type(self._failure).__name__)
+            elif self.stream.ended is None:
+                span.set({"guardrail.client_disconnected": True})
+            store_span = span.child("guardrail.case_store", {"guardrail.store":
+                                                              services.store.name})
             try:
-                await services.recorder.record(case)
+                stored = await services.recorder.record(case)
+                # Not stored: the case went to the fallback file (nothing lost, but a case
+                # store failure an operator wants to see).
+                store_span.set({"guardrail.stored": stored})
             finally:
+                store_span.end()
+                span.end()
                 services.drain.done(self.stream)
             log_response(case, self.request_id, self.status_code,
                          redact_text=bool(services.config.store.redact))

@@ -102,10 +102,17 @@ async def chat_completions(request: Request) -> Response:
     model = config.upstream.model or parsed.model or "unknown"
     case = Case(model=model, upstream=services.upstream.name, stream=parsed.stream, request=body)
     headers = {CASE_HEADER: case.id, REQUEST_ID_HEADER: rid}
+    span = services.tracer.start("POST /v1/chat/completions", {
+        "http.request.method": "POST", "http.route": "/v1/chat/completions",
+        "guardrail.case_id": case.id, "guardrail.request_id": rid,
+        "guardrail.stream": parsed.stream, "guardrail.model": model,
+        "guardrail.upstream": services.upstream.name, "guardrail.guard": services.guard.name,
+        "guardrail.mode": config.stream.mode,
+    }, headers=request.headers)
     monitor = GuardedStream(
         request=ChatRequest(body=body), upstream=services.upstream, guard=services.guard,
         corrector=services.corrector, config=config, metrics=services.metrics, case=case,
-        on_checking=admission.checking, on_end=admission.end,
+        on_checking=admission.checking, on_end=admission.end, span=span,
     )
     lifecycle = CaseLifecycle(services, case, monitor, rid)
     writer = ChunkWriter(f"chatcmpl-{case.id.removeprefix('case_')}", model,

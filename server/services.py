@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ from guardrail.guards import Guard, build_guard
 from guardrail.guards.capabilities import find_stats
 from guardrail.guards.plumbing.stats import GuardStatsCollector, GuardStatsMirror
 from guardrail.metrics import Metrics, multiprocess_dir
+from guardrail.tracing import Tracer, build_tracer
 from guardrail.upstreams import Upstream, build_upstream
 from server.auth import Authenticator
 from server.backpressure import AdmissionGate, BackpressureCollector, BackpressureGauges
@@ -39,12 +41,16 @@ class Services:
     sync_stats: Callable[[], None]
     """Copies the guard's own counters into the metrics (several workers; else nothing)."""
     gate: AdmissionGate
+    tracer: Tracer
 
     @classmethod
-    async def start(cls, config: Config, drain: Drain | None = None) -> Services:
+    async def start(cls, config: Config, drain: Drain | None = None,
+                    tracer: Tracer | None = None) -> Services:
         """Builds and opens everything; the guard's warm-up is left to ``readiness.start()``,
-        so the server can answer probes while the model loads."""
+        so the server can answer probes while the model loads. ``tracer``: by default the one
+        ``config.telemetry`` asks for (none unless set)."""
         metrics = Metrics()
+        tracer = tracer or build_tracer(config.telemetry)
         corrector = build_corrector(config.correction)
         opened: list[Callable[[], Awaitable[None]]] = []
         try:
@@ -60,6 +66,7 @@ class Services:
             for close in reversed(opened):
                 with contextlib.suppress(Exception):
                     await close()
+            tracer.shutdown()
             raise
 
         def on_store_failure(error: Exception) -> None:
@@ -89,7 +96,7 @@ class Services:
         drain.metrics = metrics
         return cls(config, upstream, guard, corrector, store, recorder, metrics,
                    Authenticator(config.server), Readiness(guard, store), drain, sync_stats,
-                   gate)
+                   gate, tracer)
 
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):
@@ -98,6 +105,9 @@ class Services:
                       self.store.aclose):
             with contextlib.suppress(Exception):
                 await close()
+        # Sends the spans still batched: blocking HTTP, so off the event loop.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.tracer.shutdown)
 
 
 def _nothing() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from guardrail.config import Config, config_from_mapping
+from guardrail.tracing import Tracer
 from server.app import create_app
 from tests.fakes.llama_guard_server import FakeLlamaGuard
 from tests.fakes.loopback import LoopbackServers
@@ -113,6 +114,7 @@ def running_proxy(
     overrides: dict[str, Any] | None = None,
     fake_guard: FakeLlamaGuard | None = None,
     upstream_app: FakeOpenAIApp | None = None,
+    tracer: Tracer | None = None,
 ) -> Iterator[Proxy]:
     fake_guard = fake_guard or FakeLlamaGuard()
     upstream_app = upstream_app or create_fake_openai_app(reply or FakeReply())
@@ -133,7 +135,9 @@ def running_proxy(
                       "fallback_path": str(tmp_path / "unstored.jsonl")},
         }
         config = config_from_mapping(merge(data, overrides or {}))
-        url = servers.serve(create_app(config))
+        # Only when given: tests swap create_app for a wrapper that takes the config alone.
+        app = create_app(config) if tracer is None else create_app(config, tracer=tracer)
+        url = servers.serve(app)
         proxy = Proxy(url, config, upstream_app, fake_guard, store_path)
         stack.callback(proxy.client.close)
         yield proxy
