@@ -31,6 +31,7 @@ BENCHMARKS = {
                                "--concurrency", "1,4,16,32"],
     "harvest_scale": ["-m", "benchmarks.harvest_scale", "--cases", "20000,100000"],
     "workers": ["-m", "benchmarks.workers"],
+    "tracing_overhead": ["-m", "benchmarks.tracing_overhead"],
 }
 
 
