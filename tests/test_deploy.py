@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from guardrail.config import load_config
 from guardrail.guards.plumbing.stats import GuardStatsCollector
 from guardrail.metrics import Metrics
 from server.serve_command import check_backends
+from tests.proxy_harness import running_proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -173,6 +175,28 @@ def test_the_dockerfile_builds_a_non_root_cpu_image_of_guardrail_serve() -> None
             for source in sources:
                 assert (ROOT / source).exists(), source
                 assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+
+
+def test_the_health_checks_pass_on_a_running_proxy_and_fail_without_one(
+        tmp_path: Path) -> None:
+    """The image's HEALTHCHECK and the compose one, run as written against a real proxy (only
+    its address changed)."""
+    instructions = dict(_instructions((ROOT / "Dockerfile").read_text()))
+    image_check = json.loads(instructions["HEALTHCHECK"].split(" CMD ", 1)[1])
+    compose_check = compose()["services"]["proxy"]["healthcheck"]["test"][1:]
+    with running_proxy(tmp_path) as proxy:
+        for command in (image_check, compose_check):
+            assert command[0] == "python"
+            code = command[2].replace("http://127.0.0.1:8000", proxy.url)
+            assert code != command[2]
+            ran = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
+                                 check=False)
+            assert ran.returncode == 0, ran.stderr
+    for command in (image_check, compose_check):
+        code = command[2].replace("http://127.0.0.1:8000", "http://127.0.0.1:9")
+        ran = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
+                             check=False)
+        assert ran.returncode != 0
 
 
 # -- alert rules ---------------------------------------------------------------------------------
