@@ -43,6 +43,12 @@ class Span(Protocol):
         """End the span; a second call does nothing."""
         ...
 
+    def context_headers(self) -> dict[str, str]:
+        """W3C trace context (``traceparent``) for a request this span makes, so a model
+        server that traces (vLLM with ``--otlp-traces-endpoint``) joins the trace; none when
+        off."""
+        ...
+
 
 class Tracer(Protocol):
     def start(self, name: str, attributes: Attributes | None = None, *,
@@ -71,6 +77,9 @@ class _NoSpan:
 
     def end(self) -> None:
         pass
+
+    def context_headers(self) -> dict[str, str]:
+        return {}
 
 
 NO_SPAN: Span = _NoSpan()

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 
 from opentelemetry import trace
-from opentelemetry.propagate import extract
+from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -48,6 +48,11 @@ class OtelSpan:
         if not self._ended:
             self._ended = True
             self._span.end()
+
+    def context_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        inject(headers, context=trace.set_span_in_context(self._span))
+        return headers
 
 
 class OtelTracer:

@@ -110,7 +110,9 @@ async def chat_completions(request: Request) -> Response:
         "guardrail.mode": config.stream.mode,
     }, headers=request.headers)
     monitor = GuardedStream(
-        request=ChatRequest(body=body), upstream=services.upstream, guard=services.guard,
+        # The trace's context goes upstream with every request for this response.
+        request=ChatRequest(body=body, headers=span.context_headers()),
+        upstream=services.upstream, guard=services.guard,
         corrector=services.corrector, config=config, metrics=services.metrics, case=case,
         on_checking=admission.checking, on_end=admission.end, span=span,
     )

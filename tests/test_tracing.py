@@ -160,6 +160,23 @@ def test_a_callers_traceparent_is_the_parent(tmp_path: Path) -> None:
     assert f"{root.parent.span_id:016x}" == parent_id
     assert attrs(root)["guardrail.action"] == "pass"
     assert attrs(root)["guardrail.stream"] is False
+    # The model server is told the trace too (vLLM joins it when it traces).
+    [sent] = [request for request in proxy.upstream.requests
+              if request.path == "/v1/chat/completions"]
+    assert sent.headers["traceparent"] == (
+        f"00-{trace_id}-{root.context.span_id:016x}-01")
+
+
+def test_off_no_trace_context_goes_upstream(tmp_path: Path) -> None:
+    with running_proxy(tmp_path) as proxy:
+        response = proxy.client.post(
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+        assert response.status_code == 200
+        [sent] = [request for request in proxy.upstream.requests
+                  if request.path == "/v1/chat/completions"]
+        assert "traceparent" not in sent.headers
 
 
 def test_an_upstream_that_cannot_be_reached_is_a_failed_trace(tmp_path: Path) -> None:
