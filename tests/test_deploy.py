@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +26,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from guardrail.config import load_config
+from guardrail.config import Config, load_config
 from guardrail.guards.plumbing.stats import GuardStatsCollector
 from guardrail.metrics import Metrics
 from server.serve_command import check_backends
@@ -76,7 +77,9 @@ def test_compose_wires_the_stack() -> None:
         for needed, condition in service.get("depends_on", {}).items():
             if condition["condition"] == "service_healthy":
                 assert "healthcheck" in services[needed], f"{name} waits on {needed}'s health"
-    assert "/healthz" in " ".join(proxy["healthcheck"]["test"])
+    assert "/readyz" in " ".join(proxy["healthcheck"]["test"])
+    # Longer than the drain, so docker stop lets responses in flight finish.
+    assert int(proxy["stop_grace_period"].removesuffix("s")) > Config().server.drain_seconds
     ports = {name: [str(port) for port in service.get("ports", [])]
              for name, service in services.items()}
     assert ports["proxy"] == ["${GUARDRAIL_PORT:-8000}:8000"]
@@ -185,6 +188,10 @@ def test_the_health_checks_pass_on_a_running_proxy_and_fail_without_one(
     image_check = json.loads(instructions["HEALTHCHECK"].split(" CMD ", 1)[1])
     compose_check = compose()["services"]["proxy"]["healthcheck"]["test"][1:]
     with running_proxy(tmp_path) as proxy:
+        deadline = time.monotonic() + 30
+        while proxy.client.get("/readyz").status_code != 200:  # the guard warms up
+            assert time.monotonic() < deadline, "the proxy never became ready"
+            time.sleep(0.05)
         for command in (image_check, compose_check):
             assert command[0] == "python"
             code = command[2].replace("http://127.0.0.1:8000", proxy.url)
