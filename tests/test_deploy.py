@@ -27,8 +27,10 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from guardrail.config import Config, load_config
+from guardrail.guards.passthrough import PassThroughGuard
 from guardrail.guards.plumbing.stats import GuardStatsCollector
 from guardrail.metrics import Metrics
+from server.backpressure import AdmissionGate, BackpressureGauges
 from server.serve_command import check_backends
 from tests.proxy_harness import running_proxy
 
@@ -251,8 +253,8 @@ class _Stats:
 
 def exposed_series() -> dict[str, set[str]]:
     """Every series name ``/metrics`` can show, with its label names: each collector in
-    ``guardrail.metrics`` given a child so that its samples appear, and a guard's own counters
-    (``GuardStatsCollector``)."""
+    ``guardrail.metrics`` given a child so that its samples appear, a guard's own counters
+    (``GuardStatsCollector``) and the backpressure gauges (``server/backpressure.py``)."""
     metrics = Metrics()
     for collector in vars(metrics).values():
         if isinstance(collector, MetricWrapperBase):
@@ -260,6 +262,9 @@ def exposed_series() -> dict[str, set[str]]:
             if names:
                 collector.labels(*["x"] * len(names))
     metrics.registry.register(GuardStatsCollector(_Stats()))
+    # The guard's backlog, as the gauges several workers publish (the single-process collector
+    # yields the same names).
+    BackpressureGauges(AdmissionGate(Config(), PassThroughGuard(), metrics), metrics.registry)
     series: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         for sample in family.samples:
