@@ -82,6 +82,7 @@ def test_the_span_tree_of_a_corrected_request(tmp_path: Path) -> None:
     assert attrs(root) | {"guardrail.case_id": case["id"]} == attrs(root)
     assert attrs(root)["guardrail.action"] == "intervened"
     assert attrs(root)["guardrail.status"] == "ok"
+    assert attrs(root)["http.response.status_code"] == 200
     assert attrs(root)["guardrail.corrections"] == 2
     assert root.status.status_code is StatusCode.UNSET
     assert {span.context.trace_id for span in spans if span.context} == {
@@ -195,6 +196,7 @@ def test_an_upstream_that_cannot_be_reached_is_a_failed_trace(tmp_path: Path) ->
     assert root.status.status_code is StatusCode.ERROR
     assert attrs(root)["error.type"] == attrs(upstream)["error.type"]
     assert attrs(root)["guardrail.status"] == "error"
+    assert attrs(root)["http.response.status_code"] == 502
 
 
 def test_a_configured_endpoint_gets_the_spans_over_otlp_http(
