@@ -110,7 +110,7 @@ class StepChecker:
                 with queue_wait.measuring(wait):
                     return await call()
         except TimeoutError as error:
-            if wait.waiting:
+            if wait.waiting and max_wait_s > 0:  # (with 0, the plain timeout as before)
                 raise QueueWaitExceeded(
                     f"guard {self.guard.name}: the check waited {wait.waited_s():.1f}s in the "
                     f"guard's queue (guard.max_queue_wait_s {max_wait_s:g}s)") from error
