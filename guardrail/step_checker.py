@@ -104,9 +104,13 @@ class StepChecker:
         wait = QueueWait(clock=loop.time)
         try:
             async with asyncio.timeout_at(begun + timeout_s) as scope:
-                # The queue marks the wait from its own task: the deadline moves at once.
-                wait.on_change = lambda: scope.reschedule(
-                    begun + timeout_s + wait.extension_s(max_wait_s))
+                def move() -> None:
+                    # Marked from the queue's own task: the deadline moves at once (unless it
+                    # has already passed and the check is being cancelled).
+                    if not scope.expired():
+                        scope.reschedule(begun + timeout_s + wait.extension_s(max_wait_s))
+
+                wait.on_change = move
                 with queue_wait.measuring(wait):
                     return await call()
         except TimeoutError as error:
