@@ -63,6 +63,12 @@ class GuardConfig(_Section):
     api_key: str | None = None
     on_error: Literal["block", "allow"] = "block"
     timeout_s: float = Field(default=10.0, gt=0)
+    """Longest the guard may work on one check (or one ``check_many`` call): a guard that
+    takes longer is stuck or broken, and ``on_error`` decides."""
+    max_queue_wait_s: float = Field(default=60.0, ge=0)
+    """Time a check waits in the guard's queue behind other checks (load, not failure) is not
+    counted against ``timeout_s``, up to this much; 0 counts it as before. Only guards with a
+    queue (the embedded guard's micro-batches) tell it apart."""
     threshold: float = Field(default=0.5, ge=0, le=1)
     """A step is unsafe when its score reaches this (for guards that give a score)."""
     window_steps: int = Field(default=1, ge=0)

@@ -34,6 +34,8 @@ def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
     return merged
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Up to guard.max_queue_wait_s (60 s by default): a wait that long is worth seeing in buckets.
+_QUEUE_WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0)
 
 
 class Metrics:
@@ -55,6 +57,12 @@ class Metrics:
         self.guard_latency = Histogram(
             "guardrail_guard_latency_seconds", "Latency of one guard check", ["guard"],
             buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        # A histogram is multiprocess-safe as it is: each worker writes its own file, summed.
+        self.guard_queue_wait = Histogram(
+            "guardrail_guard_queue_wait_seconds",
+            "Time a check waited in the guard's queue behind other checks (not its timeout)",
+            ["guard"], buckets=_QUEUE_WAIT_BUCKETS, registry=r,
         )
         self.upstream_first_token = Histogram(
             "guardrail_upstream_first_token_seconds", "Upstream time to first token",

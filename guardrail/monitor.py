@@ -61,6 +61,9 @@ from guardrail.views import build_view, request_text
 
 logger = logging.getLogger(__name__)
 _YIELD_EVERY = 16
+_READ_AHEAD = 4
+"""Steps a stream may have waiting for a verdict, per ``guard.max_concurrency``, before the
+producer stops reading the upstream until some are judged."""
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -176,6 +179,8 @@ class _Round:
     finish_reason: str | None = None
     withheld: str = ""
     released_chars: int = 0
+    judged_up_to: int = 0
+    """Steps before this one all have their verdict (where the producer's count starts)."""
 
     def text(self) -> str:
         """Everything the model wrote in this round."""
@@ -225,6 +230,7 @@ class GuardedStream:
         self._request_text = request_text(request.messages, config.guard.max_request_chars)
         self._history: list[str] = []  # released steps, and steps in flight, in order
         self._semaphore = asyncio.Semaphore(config.guard.max_concurrency)
+        self._read_ahead = _READ_AHEAD * config.guard.max_concurrency
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self._meta_sent = False
@@ -468,11 +474,13 @@ class GuardedStream:
                     if not self._strict:
                         round_.inbox.put_nowait(_Chunk(event))
                     self._emit_steps(round_, current, round_.splitters[current].feed(event.text))
+                    await self._await_verdicts(round_)
                 elif isinstance(event, HeldText):
                     self._note_first_token()
                     # Judged as reasoning (what it is, when a template opened the think block).
                     self._emit_steps(round_, "reasoning", round_.held_splitter.feed(event.text),
                                      held=True)
+                    await self._await_verdicts(round_)
                 elif isinstance(event, HeldResolved):
                     self._emit_steps(round_, "reasoning", round_.held_splitter.finish(),
                                      held=True)
@@ -502,6 +510,24 @@ class GuardedStream:
                 # Shielded, so that a second cancellation cannot leave the request open.
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(source.aclose())
+
+    async def _await_verdicts(self, round_: _Round) -> None:
+        """Backpressure towards the model: while this round has more steps waiting for a verdict
+        than ``_READ_AHEAD`` x ``guard.max_concurrency`` (a guard behind under load; its queue
+        wait does not count against the checks' timeout), the upstream is not read. Its text
+        could only wait here for those verdicts, in both modes, so the client sees the same;
+        the model's stream stalls in the socket instead of in the proxy's memory."""
+        steps = round_.steps
+        while True:
+            start = round_.judged_up_to
+            while start < len(steps) and _judged(steps[start]):
+                start += 1
+            round_.judged_up_to = start
+            waiting = [check for step in steps[start:]
+                       if (check := step.check) is not None and not check.done()]
+            if len(waiting) <= self._read_ahead:
+                return
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
 
     def _note_first_token(self) -> None:
         if self._first_token_at is None:
@@ -765,3 +791,8 @@ def _first_unsafe_done(steps: list[_Step]) -> Flagged | None:
         if verdict is not None and verdict.unsafe:
             return Flagged(step, verdict)
     return None
+
+
+def _judged(step: _Step) -> bool:
+    """The step's check is over (or it has none), whatever its verdict."""
+    return step.check is None or step.check.done()

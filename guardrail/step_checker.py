@@ -2,7 +2,10 @@
 ``guardrail check`` and evaluation.
 
 The rules live here once: the refusal rule first (``guard.refusal_rule``), then the guard under
-one timeout (``guard.timeout_s``); a guard that fails or times out gets the verdict
+one timeout (``guard.timeout_s`` of the guard's own work: time the check waits in the guard's
+queue behind other checks is load, not failure, and moves the deadline, up to
+``guard.max_queue_wait_s``; see ``guards/plumbing/queue_wait``); a guard that fails or times
+out gets the verdict
 ``guard.on_error`` decides, with the error named; metrics when there are any; and the step
 record filled from the verdict (the guard's raw output included, for the audit log).
 """
@@ -13,18 +16,27 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from guardrail.cases.model import StepRecord
 from guardrail.config import GuardConfig
 from guardrail.errors import GuardError
 from guardrail.guards.base import Guard, GuardView, Verdict
+from guardrail.guards.plumbing import queue_wait
+from guardrail.guards.plumbing.queue_wait import QueueWait
 from guardrail.metrics import Metrics
 from guardrail.refusals import split_refusal
 
 logger = logging.getLogger(__name__)
 
 REFUSAL_RAW = "refusal rule: the step declines or redirects; nothing else in it to judge"
+
+_T = TypeVar("_T")
+
+
+class QueueWaitExceeded(TimeoutError):
+    """The check waited in the guard's queue for longer than ``guard.max_queue_wait_s``."""
 
 
 class StepChecker:
@@ -41,8 +53,7 @@ class StepChecker:
         if settled is not None:
             return self._finish(view, settled, started)
         try:
-            verdict = await asyncio.wait_for(self.guard.check(judged),
-                                             timeout=self.config.timeout_s)
+            verdict = await self._within_deadline(lambda: self.guard.check(judged))
         except Exception as error:
             verdict = self._on_error(error)
         return self._finish(view, verdict, started)
@@ -62,8 +73,8 @@ class StepChecker:
                 to_judge.append(judged)
         if to_judge:
             try:
-                judged_verdicts = await asyncio.wait_for(self.guard.check_many(to_judge),
-                                                         timeout=self.config.timeout_s)
+                judged_verdicts = await self._within_deadline(
+                    lambda: self.guard.check_many(to_judge))
                 if len(judged_verdicts) != len(to_judge):
                     raise GuardError(f"guard {self.guard.name} answered {len(judged_verdicts)} "
                                      f"verdicts for {len(to_judge)} views")
@@ -80,9 +91,38 @@ class StepChecker:
 
     async def _check_alone(self, view: GuardView) -> Verdict:
         try:
-            return await asyncio.wait_for(self.guard.check(view), timeout=self.config.timeout_s)
+            return await self._within_deadline(lambda: self.guard.check(view))
         except Exception as error:
             return self._on_error(error)
+
+    async def _within_deadline(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()`` under the check's timeout: ``guard.timeout_s`` of the guard's own work,
+        plus the time the check waited in the guard's queue, at most ``max_queue_wait_s``."""
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        timeout_s, max_wait_s = self.config.timeout_s, self.config.max_queue_wait_s
+        wait = QueueWait(clock=loop.time)
+        try:
+            async with asyncio.timeout_at(begun + timeout_s) as scope:
+                def move() -> None:
+                    # Marked from the queue's own task: the deadline moves at once (unless it
+                    # has already passed and the check is being cancelled).
+                    if not scope.expired():
+                        scope.reschedule(begun + timeout_s + wait.extension_s(max_wait_s))
+
+                wait.on_change = move
+                with queue_wait.measuring(wait):
+                    return await call()
+        except TimeoutError as error:
+            if wait.waiting and max_wait_s > 0:  # (with 0, the plain timeout as before)
+                raise QueueWaitExceeded(
+                    f"guard {self.guard.name}: the check waited {wait.waited_s():.1f}s in the "
+                    f"guard's queue (guard.max_queue_wait_s {max_wait_s:g}s)") from error
+            raise
+        finally:
+            wait.on_change = None  # the scope is gone; a late mark must not move it
+            if wait.queued_ever and self.metrics is not None:
+                self.metrics.guard_queue_wait.labels(self.guard.name).observe(wait.waited_s())
 
     def _apply_refusal_rule(self, view: GuardView) -> tuple[GuardView, Verdict | None]:
         """The view for the guard, or the verdict already settled by the refusal rule."""
@@ -96,7 +136,9 @@ class StepChecker:
         return dataclasses.replace(view, step=rest), None
 
     def _on_error(self, error: BaseException) -> Verdict:
-        if isinstance(error, TimeoutError):
+        if isinstance(error, QueueWaitExceeded):
+            kind, message = "timeout", str(error)
+        elif isinstance(error, TimeoutError):
             kind, message = "timeout", f"guard timed out after {self.config.timeout_s:g}s"
         elif isinstance(error, GuardError):
             kind, message = "error", str(error)

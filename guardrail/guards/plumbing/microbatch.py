@@ -9,6 +9,10 @@ ends, so the batch size grows with the load by itself. A backend may still ask t
 request of a burst to wait up to ``max_wait_s`` for company (default 0: it does not); queued
 requests never wait for more. One batch runs at a time per event loop, in a worker thread, so
 the loop never blocks on inference.
+
+The time an item spends queued is marked on the check's ``QueueWait`` (``queue_wait``), from
+``submit`` until its batch is taken, so the check's timeout counts the guard's work on it and
+not the other checks it waited behind.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from guardrail.guards.plumbing import queue_wait
+from guardrail.guards.plumbing.queue_wait import QueueWait
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 @dataclass
 class _LoopState(Generic[T, R]):
-    pending: list[tuple[T, asyncio.Future[R]]] = field(default_factory=list)
+    pending: list[tuple[T, asyncio.Future[R], QueueWait | None]] = field(default_factory=list)
     worker: asyncio.Task[None] | None = None
     wakeup: asyncio.Future[None] | None = None
 
@@ -58,7 +65,10 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         state = self._states.setdefault(loop, _LoopState())
         future: asyncio.Future[R] = loop.create_future()
-        state.pending.append((item, future))
+        wait = queue_wait.current()
+        if wait is not None:
+            wait.queued()
+        state.pending.append((item, future, wait))
         if len(state.pending) >= self.max_batch and state.wakeup and not state.wakeup.done():
             state.wakeup.set_result(None)
         if state.worker is None:
@@ -79,12 +89,17 @@ class MicroBatcher(Generic[T, R]):
                 idle = False
                 batch = state.pending[: self.max_batch]
                 del state.pending[: self.max_batch]
-                live = [(item, future) for item, future in batch if not future.done()]
+                for _, _, wait in batch:
+                    if wait is not None:
+                        wait.started()  # from here on the guard is working on it
+                live = [(item, future) for item, future, _ in batch if not future.done()]
                 if live:
                     await self._run_batch(live)
         finally:
             state.worker = None
-            for _, future in state.pending:  # only when the loop is tearing this task down
+            for _, future, wait in state.pending:  # only when the loop tears this task down
+                if wait is not None:
+                    wait.started()
                 future.cancel()
             state.pending.clear()
             self._states.pop(loop, None)
