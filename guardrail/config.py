@@ -67,8 +67,9 @@ class GuardConfig(_Section):
     takes longer is stuck or broken, and ``on_error`` decides."""
     max_queue_wait_s: float = Field(default=60.0, ge=0)
     """Time a check waits in the guard's queue behind other checks (load, not failure) is not
-    counted against ``timeout_s``, up to this much; 0 counts it as before. Only guards with a
-    queue (the embedded guard's micro-batches) tell it apart."""
+    counted against ``timeout_s``, up to this much; 0 counts it as before. Only guards whose
+    queue marks the wait tell it apart (micro-batches in-process, an endpoint guard's connection
+    slots and batched requests)."""
     threshold: float = Field(default=0.5, ge=0, le=1)
     """A step is unsafe when its score reaches this (for guards that give a score)."""
     window_steps: int = Field(default=1, ge=0)

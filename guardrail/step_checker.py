@@ -24,7 +24,7 @@ from guardrail.config import GuardConfig
 from guardrail.errors import GuardError
 from guardrail.guards.base import Guard, GuardView, Verdict
 from guardrail.guards.plumbing import queue_wait
-from guardrail.guards.plumbing.queue_wait import QueueWait
+from guardrail.guards.plumbing.queue_wait import QueueWait, QueueWaitExceeded
 from guardrail.metrics import Metrics
 from guardrail.refusals import split_refusal
 
@@ -33,10 +33,6 @@ logger = logging.getLogger(__name__)
 REFUSAL_RAW = "refusal rule: the step declines or redirects; nothing else in it to judge"
 
 _T = TypeVar("_T")
-
-
-class QueueWaitExceeded(TimeoutError):
-    """The check waited in the guard's queue for longer than ``guard.max_queue_wait_s``."""
 
 
 class StepChecker:
@@ -98,30 +94,13 @@ class StepChecker:
     async def _within_deadline(self, call: Callable[[], Awaitable[_T]]) -> _T:
         """``call()`` under the check's timeout: ``guard.timeout_s`` of the guard's own work,
         plus the time the check waited in the guard's queue, at most ``max_queue_wait_s``."""
-        loop = asyncio.get_running_loop()
-        begun = loop.time()
-        timeout_s, max_wait_s = self.config.timeout_s, self.config.max_queue_wait_s
-        wait = QueueWait(clock=loop.time)
+        wait: QueueWait | None = None
         try:
-            async with asyncio.timeout_at(begun + timeout_s) as scope:
-                def move() -> None:
-                    # Marked from the queue's own task: the deadline moves at once (unless it
-                    # has already passed and the check is being cancelled).
-                    if not scope.expired():
-                        scope.reschedule(begun + timeout_s + wait.extension_s(max_wait_s))
-
-                wait.on_change = move
-                with queue_wait.measuring(wait):
-                    return await call()
-        except TimeoutError as error:
-            if wait.waiting and max_wait_s > 0:  # (with 0, the plain timeout as before)
-                raise QueueWaitExceeded(
-                    f"guard {self.guard.name}: the check waited {wait.waited_s():.1f}s in the "
-                    f"guard's queue (guard.max_queue_wait_s {max_wait_s:g}s)") from error
-            raise
+            async with queue_wait.deadline(self.config.timeout_s, self.config.max_queue_wait_s,
+                                           guard=self.guard.name) as wait:
+                return await call()
         finally:
-            wait.on_change = None  # the scope is gone; a late mark must not move it
-            if wait.queued_ever and self.metrics is not None:
+            if wait is not None and wait.queued_ever and self.metrics is not None:
                 self.metrics.guard_queue_wait.labels(self.guard.name).observe(wait.waited_s())
 
     def _apply_refusal_rule(self, view: GuardView) -> tuple[GuardView, Verdict | None]:

@@ -13,7 +13,8 @@ import asyncio
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ import pytest
 from guardrail.config import GuardConfig
 from guardrail.errors import ConfigError, GuardError
 from guardrail.guards import build_guard
-from guardrail.guards.base import GuardView
+from guardrail.guards.base import GuardView, Verdict
 from guardrail.guards.generative import GenerativeGuard, create_generative
 from guardrail.guards.generative.families.llama_guard import ANSWERS
 from guardrail.guards.generative.runners.transformers import HFRunner, RunnerSettings
 from guardrail.guards.plumbing.neutralise import BREAK, clean
+from guardrail.step_checker import StepChecker
 from tests.fakes.tiny_lm import chain, merge, program, write_model, write_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
@@ -457,6 +459,44 @@ async def test_in_process_time_limit(model_dir: Callable[[str], Path]) -> None:
     guard = local("wildguard", model_dir("wildguard"), timeout_s=0.001)
     with pytest.raises(GuardError, match=r"no answer within 0\.001s"):
         await guard.check(RESPONSE)
+
+
+class PacedRunner(HFRunner):
+    """The tiny model at a bigger model's pace: each forward pass takes at least ``WORK_S``."""
+
+    WORK_S = 0.05
+
+    def score_batch(self, items: Sequence[tuple[str, tuple[int, ...]]]
+                    ) -> list[tuple[float, ...]]:
+        time.sleep(self.WORK_S)
+        return super().score_batch(items)
+
+
+async def test_in_process_checks_are_not_timed_out_by_their_queue_wait(
+        model_dir: Callable[[str], Path]) -> None:
+    # 16 checks, one forward pass at a time: the last waits about 0.75 s in the runner's queue,
+    # longer than the 0.3 s timeout (the step checker's and the guard's own), for its own 50 ms.
+    async def run(max_queue_wait_s: float) -> list[Verdict]:
+        config = GuardConfig(kind="llama-guard", model=str(model_dir("llama")), timeout_s=0.3,
+                             max_queue_wait_s=max_queue_wait_s, refusal_rule=False,
+                             compliance_cues=False,
+                             options={"device": "cpu", "batch_size": 1, "batch_wait_ms": 0})
+        runner = PacedRunner(config.model or "", RunnerSettings.from_options(config.options),
+                             guard="test")
+        guard = create_generative(config, runner=runner)
+        guard.warm_up()
+        checker = StepChecker(guard, config)
+        views = [GuardView(request="How do I bake bread?", context=(), step=f"step {n}")
+                 for n in range(16)]
+        return list(await asyncio.gather(*(checker.check(view) for view in views)))
+
+    verdicts = await run(max_queue_wait_s=30.0)
+    assert [verdict.error for verdict in verdicts if verdict.error] == []
+    assert max(verdict.latency_s for verdict in verdicts) > 0.3
+    # With the queue wait counted (max_queue_wait_s 0), the same load times out.
+    timed_out = [verdict.error for verdict in await run(max_queue_wait_s=0.0) if verdict.error]
+    assert len(timed_out) >= 4, timed_out
+    assert all("0.3s" in error for error in timed_out), timed_out
 
 
 # -- Granite Guardian ----------------------------------------------------------------------------

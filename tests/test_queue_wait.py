@@ -15,6 +15,7 @@ import pytest
 from guardrail.config import GuardConfig
 from guardrail.guards import GUARDS, create_guard
 from guardrail.guards.base import GuardView, Verdict, check_each
+from guardrail.guards.plumbing import queue_wait
 from guardrail.guards.plumbing.load import GuardBacklog, LoadMeter
 from guardrail.guards.plumbing.microbatch import MicroBatcher
 from guardrail.guards.plumbing.queue_wait import QueueWait
@@ -101,6 +102,30 @@ def test_queue_wait_moves_the_deadline_only_while_queued_and_at_most_the_bound()
     assert moves == [5.0, 2.0, 5.0, 5.0, 5.0, 5.0]  # a move at each mark
     wait.started()  # an extra mark changes nothing
     assert wait.waited_s() == 11.0
+
+
+def test_a_mark_on_a_nested_wait_reaches_the_outer_one() -> None:
+    # The generative guard's own deadline inside the step checker's: a queue marks the inner
+    # wait (the current one), and both deadlines must move.
+    async def run() -> tuple[QueueWait, QueueWait, QueueWait | None]:
+        async with queue_wait.deadline(1.0, 5.0, guard="outer") as outer:
+            async with queue_wait.deadline(1.0, 5.0, guard="inner") as inner:
+                marked = queue_wait.current()
+                assert marked is inner
+                inner.queued()
+                assert outer.waiting and outer.queued_ever
+                await asyncio.sleep(1.2)  # queued past the plain timeout: neither fires
+                inner.started()
+                assert not outer.waiting
+                inner.started()  # an extra mark is not passed on
+                assert not outer.waiting
+            with queue_wait.outside():
+                assert queue_wait.current() is None
+            return outer, inner, queue_wait.current()
+
+    outer, inner, after = asyncio.run(run())
+    assert outer.waited_s() == pytest.approx(inner.waited_s(), abs=0.05)
+    assert outer.waited_s() >= 1.2 and after is outer
 
 
 def test_checks_queued_behind_others_wait_instead_of_timing_out() -> None:

@@ -28,6 +28,8 @@ Every attribute below may be changed between requests:
 - ``not_json``: answer 200 with a body that is not JSON.
 - ``delay_s``: wait this long before answering (for timeouts); once per request, however many
   prompts it carries (a GPU judges a small batch in about the time of one prompt).
+- ``hang_on``: a request whose body contains this text is never answered (a stuck request): it
+  is held until the client hangs up (or 30 s pass).
 - ``api_key``: require ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``), else 401.
 - ``keep_requests``: False keeps no ``requests`` / ``headers`` (a long benchmark run).
 
@@ -42,6 +44,7 @@ needs ``logprobs: true`` (400).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import time
@@ -80,6 +83,7 @@ class FakeLlamaGuard:
     output: str | None = None
     not_json: bool = False
     delay_s: float = 0.0
+    hang_on: str | None = None
     api_key: str | None = None
     keep_requests: bool = True
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -131,6 +135,14 @@ class FakeLlamaGuard:
         finally:
             self.in_flight -= 1
 
+    async def _hang_if_asked(self, request: Request, body: Any) -> None:
+        if self.hang_on is None or self.hang_on not in json.dumps(body):
+            return
+        for _ in range(1500):  # 30 s at most, polling for the client's hang-up
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(0.02)
+
     async def _chat(self, request: Request) -> Response:
         expected = f"Bearer {self.api_key}"
         if self.api_key is not None and request.headers.get("authorization") != expected:
@@ -142,6 +154,7 @@ class FakeLlamaGuard:
         if self.keep_requests:
             self.requests.append(body)
             self.headers.append({key.lower(): value for key, value in request.headers.items()})
+        await self._hang_if_asked(request, body)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.status is not None:
@@ -176,6 +189,7 @@ class FakeLlamaGuard:
         if self.keep_requests:
             self.requests.append(body)
             self.headers.append({key.lower(): value for key, value in request.headers.items()})
+        await self._hang_if_asked(request, body)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.status is not None:

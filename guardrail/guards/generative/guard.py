@@ -26,7 +26,9 @@ from guardrail.guards.generative.families.base import check_options
 from guardrail.guards.generative.runners import RUNNERS, Runner
 from guardrail.guards.generative.runners.text import TextRunner
 from guardrail.guards.generative.runners.transformers import HFRunner
+from guardrail.guards.plumbing import queue_wait
 from guardrail.guards.plumbing.load import GuardBacklog, LoadMeter
+from guardrail.guards.plumbing.queue_wait import QueueWaitExceeded
 
 VLLM_KIND = "vllm"
 """The older ``guard.kind`` for a family on the vllm runner (``options.format`` names it)."""
@@ -111,11 +113,17 @@ class GenerativeGuard:
         started = time.perf_counter()
         try:
             await self._prepare()
-            async with asyncio.timeout(self.config.timeout_s):
+            # Its own deadline (a cascade calls its stages directly), queue-aware like the step
+            # checker's and nested in it: a check waiting in the runner's queue (a micro-batch,
+            # a pooled connection) is not timed out by the checks ahead of it.
+            async with queue_wait.deadline(self.config.timeout_s, self.config.max_queue_wait_s,
+                                           guard=self.name):
                 with self._meter.track():
                     reading = await self._read(view)
         except GuardError:
             raise
+        except QueueWaitExceeded as error:
+            raise GuardError(str(error)) from None
         except ConfigError as error:
             # A model that cannot load fails every check: a GuardError lets guard.on_error decide,
             # where a ConfigError would escape the monitor. warm_up() reports it at start-up.

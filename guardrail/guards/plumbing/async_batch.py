@@ -10,6 +10,9 @@ lone request pays no waiting.
 
 A batch does not belong to any caller: a caller that gives up (its check timed out, its client
 left) leaves the batch to finish for the others, and gets nothing from it.
+
+As in ``MicroBatcher``, an item is marked queued on its check's ``QueueWait`` from ``submit``
+until a worker takes it, so the check's timeout counts the request and not the wait for a slot.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from guardrail.guards.plumbing import queue_wait
+from guardrail.guards.plumbing.queue_wait import QueueWait
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 @dataclass
 class _LoopState(Generic[T, R]):
-    pending: collections.deque[tuple[T, asyncio.Future[R]]] = field(
+    pending: collections.deque[tuple[T, asyncio.Future[R], QueueWait | None]] = field(
         default_factory=collections.deque)
     workers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -53,7 +59,10 @@ class AsyncBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         state = self._states.setdefault(loop, _LoopState())
         future: asyncio.Future[R] = loop.create_future()
-        state.pending.append((item, future))
+        wait = queue_wait.current()
+        if wait is not None:
+            wait.queued()
+        state.pending.append((item, future, wait))
         if len(state.workers) < self.max_concurrent:
             worker = loop.create_task(self._work(loop, state))
             state.workers.add(worker)
@@ -61,20 +70,27 @@ class AsyncBatcher(Generic[T, R]):
 
     async def _work(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
         try:
-            while state.pending:
-                live: list[tuple[T, asyncio.Future[R]]] = []
-                while state.pending and len(live) < self.max_batch:
-                    item, future = state.pending.popleft()
-                    if not future.done():  # its caller may have given up already
-                        live.append((item, future))
-                if live:
-                    await self._run_batch(live)
+            # The worker inherited the context of the check that started it, but sends batches
+            # for every check: nothing it awaits is that one check's queue wait.
+            with queue_wait.outside():
+                while state.pending:
+                    live: list[tuple[T, asyncio.Future[R]]] = []
+                    while state.pending and len(live) < self.max_batch:
+                        item, future, wait = state.pending.popleft()
+                        if wait is not None:
+                            wait.started()  # from here on the request is its own work
+                        if not future.done():  # its caller may have given up already
+                            live.append((item, future))
+                    if live:
+                        await self._run_batch(live)
         finally:
             current = asyncio.current_task()
             if current is not None:
                 state.workers.discard(current)
             if not state.workers:
-                for _, future in state.pending:  # only when the loop tears the workers down
+                for _, future, wait in state.pending:  # only when the loop tears them down
+                    if wait is not None:
+                        wait.started()
                     future.cancel()
                 state.pending.clear()
                 self._states.pop(loop, None)

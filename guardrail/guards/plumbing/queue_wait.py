@@ -9,21 +9,32 @@ The queue finds the wait through a context variable (``current``), so that no gu
 changes and a guard without a queue simply never marks one (its checks keep the plain timeout).
 
 One ``QueueWait`` may cover several items (``check_many``): it is waiting while any of them is
-still queued. Event-loop code only, like the queues that mark it.
+still queued. Deadlines nest (``deadline``): a guard that bounds its own work too (the generative
+guard, a cascade's stage) opens one inside the step checker's, and a mark on the inner wait is
+a mark on the outer one as well, so both deadlines move. A task shared by several checks (a
+batch sent for many) runs ``outside()`` any check's wait. Event-loop code only, like the queues
+that mark it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
+
+
+class QueueWaitExceeded(TimeoutError):
+    """The check waited in the guard's queue for longer than ``guard.max_queue_wait_s``."""
 
 
 class QueueWait:
     def __init__(self, on_change: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 parent: QueueWait | None = None) -> None:
         self._clock = clock
+        self._parent = parent
         self.on_change = on_change
         """Called when the check joins or leaves a queue (its deadline moves)."""
         self._waiting = 0  # items queued now
@@ -48,6 +59,8 @@ class QueueWait:
             self._since = self._clock()
         self._waiting += 1
         self._changed()
+        if self._parent is not None:
+            self._parent.queued()
 
     def started(self) -> None:
         """An item left its queue: the guard took it (or it was dropped)."""
@@ -57,6 +70,8 @@ class QueueWait:
         if self._waiting == 0:
             self._waited += self._clock() - self._since
         self._changed()
+        if self._parent is not None:  # only for an item it counted, so the two stay in step
+            self._parent.started()
 
     def extension_s(self, max_wait_s: float) -> float:
         """How far the check's deadline moves for its queue wait: the wait so far, at most
@@ -85,3 +100,45 @@ def measuring(wait: QueueWait) -> Iterator[QueueWait]:
         yield wait
     finally:
         _current.reset(token)
+
+
+@contextmanager
+def outside() -> Iterator[None]:
+    """Within this block, no check's wait is marked: for a task that inherited the context of
+    the check that started it but works for many (a batch worker)."""
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+@asynccontextmanager
+async def deadline(timeout_s: float, max_wait_s: float, *, guard: str
+                   ) -> AsyncIterator[QueueWait]:
+    """The block under one check's timeout: ``timeout_s`` of the guard's own work, plus the time
+    the check waited in the guard's queue, at most ``max_wait_s`` (0: the plain timeout). Raises
+    ``TimeoutError``, or ``QueueWaitExceeded`` when the check was still queued. Yields the wait,
+    for its metric. Inside another ``deadline``, the queue's marks reach both."""
+    loop = asyncio.get_running_loop()
+    begun = loop.time()
+    wait = QueueWait(clock=loop.time, parent=current())
+    try:
+        async with asyncio.timeout_at(begun + timeout_s) as scope:
+            def move() -> None:
+                # Marked from the queue's own task: the deadline moves at once (unless it has
+                # already passed and the check is being cancelled).
+                if not scope.expired():
+                    scope.reschedule(begun + timeout_s + wait.extension_s(max_wait_s))
+
+            wait.on_change = move
+            with measuring(wait):
+                yield wait
+    except TimeoutError as error:
+        if wait.waiting and max_wait_s > 0 and not isinstance(error, QueueWaitExceeded):
+            raise QueueWaitExceeded(
+                f"guard {guard}: the check waited {wait.waited_s():.1f}s in the guard's queue "
+                f"(guard.max_queue_wait_s {max_wait_s:g}s)") from error
+        raise
+    finally:
+        wait.on_change = None  # the scope is gone; a late mark must not move it

@@ -12,21 +12,25 @@ CPU, not the server: httpx's connection pool costs O(connections x waiting reque
 (3-6 ms of CPU a check with a few hundred in flight, so about 200 checks/s on a core, and every
 check of 200 fast streams timed out). Hence aiohttp (as for the upstream), a pool of
 ``options.max_connections`` kept-alive connections whose waiters queue cheaply, and no timeout
-of its own: the check's one ``guard.timeout_s`` (``GenerativeGuard.check``) covers the wait for
-a connection and the request together.
+of its own: the check's ``guard.timeout_s`` (``GenerativeGuard.check``, ``StepChecker``) covers
+the request. A check waiting for one of the connections is queued behind other checks, not
+being judged: it waits for a slot (one per connection) marked as queue wait
+(``plumbing/queue_wait``), which its timeout does not count, up to ``guard.max_queue_wait_s``.
 
 ``options.completions_batch: N`` (N > 1) sends up to N checks in one ``POST /completions`` with a
 list of prompts (vLLM takes one; each choice's ``index`` says whose it is), for the families
 that render their own prompt (Llama Guard, Qwen3Guard, ShieldGemma, WildGuard): fewer requests,
 less CPU on both sides. The prompt is then the family's rendering of the model's chat template,
-not the server's own, so it is off by default. Batches form only under load (``AsyncBatcher``).
+not the server's own, so it is off by default. Batches form only under load (``AsyncBatcher``,
+which marks a check's wait for a batch as queue wait in the same way).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +47,7 @@ from guardrail.guards.generative.runners.text import (
     completion_logprobs,
 )
 from guardrail.guards.generative.runners.transformers import RUNNER_OPTIONS
+from guardrail.guards.plumbing import queue_wait
 from guardrail.guards.plumbing.async_batch import AsyncBatcher
 
 TOP_LOGPROBS = 5
@@ -93,6 +98,8 @@ class GuardEndpoint:
         self._headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._session: aiohttp.ClientSession | None = None
         self._batchers: dict[int, AsyncBatcher[str, Completion]] = {}  # by max_tokens
+        # One slot per pooled connection; per event loop, as a semaphore belongs to its loop.
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     @property
     def requests_sent(self) -> int:
@@ -228,6 +235,27 @@ class GuardEndpoint:
             )
         return choice
 
+    @asynccontextmanager
+    async def _connection_slot(self) -> AsyncIterator[None]:
+        """One of the ``max_connections`` slots for the block; the wait for one, when all are
+        taken, is marked as the check's queue wait (the pool itself waits unmarked)."""
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self.settings.max_connections))
+        slots = self._slots[1]
+        wait = queue_wait.current() if slots.locked() else None
+        if wait is not None:
+            wait.queued()
+        try:
+            await slots.acquire()
+        finally:
+            if wait is not None:
+                wait.started()  # given a slot, or given up: queued no longer
+        try:
+            yield
+        finally:
+            slots.release()
+
     async def post(self, path: str, payload: dict[str, Any]) -> Any:
         """POST ``payload`` to ``path`` under the base URL; the decoded JSON answer. No timeout
         of its own: the caller's check has one (a batch has its own, see ``_batcher``)."""
@@ -235,7 +263,7 @@ class GuardEndpoint:
         where = f"{self.guard} at {url}"
         data = json.dumps(payload).encode()
         try:
-            async with self._http().post(
+            async with self._connection_slot(), self._http().post(
                     url, data=data, headers={"Content-Type": "application/json"}) as response:
                 status, raw = response.status, await response.read()
                 reason = response.reason or ""
