@@ -51,6 +51,14 @@ def _text(field: str) -> Callable[[Case], dict[str, Any]]:
     return apply
 
 
+def _redact_tool_arguments(case: Case) -> dict[str, Any]:
+    # The tool's name and the call's id stay (shape); the arguments are what the model wrote.
+    return {"tool_calls": [
+        {**call, "function": {**call["function"], "arguments": ""}}
+        if isinstance(call.get("function"), dict) else call
+        for call in case.tool_calls]}
+
+
 REDACTABLE: dict[str, Callable[[Case], dict[str, Any]]] = {
     "request": _redact_request,
     "request.messages": _redact_messages,
@@ -59,6 +67,7 @@ REDACTABLE: dict[str, Callable[[Case], dict[str, Any]]] = {
     "withheld": _text("withheld"),
     "client_reasoning": _text("client_reasoning"),
     "client_content": _text("client_content"),
+    "tool_calls.arguments": _redact_tool_arguments,
     "corrections.withheld": _corrections("withheld"),
     "corrections.inserted": _corrections("inserted"),
     "corrections.continuation": _corrections("continuation"),
