@@ -121,6 +121,30 @@ def test_streamed_tool_calls_reach_the_sdk_as_sent(proxy: Proxy) -> None:
     assert case["tool_calls"] == WHOLE
     assert case["finish_reason"] == "tool_calls" and case["action"] == "pass"
     assert case["client_content"] == ANSWER
+    if proxy.config.guard.kind != "none":  # the text was judged, the calls were not
+        assert case["steps"] and all(step["unsafe"] is False for step in case["steps"])
+        assert "get_weather" not in "".join(step["text"] for step in case["steps"])
+
+
+@pytest.mark.parametrize("mode", ["strict", "fast"])
+def test_tool_calls_wait_behind_held_text(tmp_path: Path, mode: str) -> None:
+    """No reasoning field and no tags: with ``think_start: auto`` the answer's text is held
+    until the end shows it was the answer; the calls after it wait behind it."""
+    reply = FakeReply(reasoning="", answer=ANSWER + " " + REASONING, reasoning_format="none",
+                      tool_calls=CALLS, finish_reason="tool_calls", chunk_chars=7)
+    with running_proxy(tmp_path, reply, overrides={"stream": {"mode": mode}}) as proxy:
+        response, raw = proxy.stream_raw("Weather and time in Paris?", tools=TOOLS)
+        events = [event for event in sse_events(raw) if isinstance(event, dict)]
+        kinds = [("content" if choice["delta"].get("content") else "tool")
+                 for event in events for choice in event.get("choices", [])
+                 if choice["delta"].get("content") or choice["delta"].get("tool_calls")]
+        assert kinds == ["content"] + ["tool"] * len(FRAGMENTS), kinds
+        assert streamed_text(events)[1] == reply.answer
+        fragments = [call for event in events for choice in event.get("choices", [])
+                     for call in choice["delta"].get("tool_calls", [])]
+        assert fragments == FRAGMENTS
+        case = proxy.case(response.headers["x-guardrail-case-id"])
+        assert case["tool_calls"] == WHOLE and case["client_content"] == reply.answer
 
 
 LITELLM_TYPES_EVERY_FRAGMENT = pytest.mark.xfail(
@@ -171,9 +195,9 @@ HISTORY: list[dict[str, Any]] = [
 def test_tool_request_fields_and_history_reach_the_model(proxy: Proxy) -> None:
     proxy.upstream.reset()
     with sdk(proxy) as client:
-        client.chat.completions.create(
-            model="fake-model", messages=HISTORY,  # type: ignore[arg-type]
-            tools=TOOLS, tool_choice="auto", parallel_tool_calls=True)  # type: ignore[arg-type]
+        client.chat.completions.create(  # type: ignore[call-overload]
+            model="fake-model", messages=HISTORY, tools=TOOLS, tool_choice="auto",
+            parallel_tool_calls=True)
     body = proxy.upstream.chat_requests[-1].body
     assert body["tools"] == TOOLS
     assert body["tool_choice"] == "auto" and body["parallel_tool_calls"] is True
@@ -251,3 +275,18 @@ def test_tool_call_fragment_not_an_object_is_a_clean_error(tmp_path: Path) -> No
         response = proxy.chat("hi", tools=TOOLS)
     assert response.status_code == 502, response.text
     assert "choices[0].delta.tool_calls[0] is str" in json.dumps(response.json())
+
+
+def test_old_case_records_read_without_tool_calls_and_redaction_blanks_arguments() -> None:
+    from guardrail.cases.model import Case
+    from guardrail.cases.redact import redact
+
+    old = Case(model="m").model_dump(mode="json")
+    del old["tool_calls"]  # a record written before the field existed
+    assert Case.model_validate(old, context={"stored": True}).tool_calls == []
+    case = Case(model="m", tool_calls=WHOLE)
+    redacted = redact(case, ["tool_calls.arguments"])
+    assert [call["function"] for call in redacted.tool_calls] == [
+        {"name": "get_weather", "arguments": ""}, {"name": "get_time", "arguments": ""}]
+    assert [call["id"] for call in redacted.tool_calls] == ["call_weather_1", "call_time_2"]
+    assert case.tool_calls == WHOLE  # the original is left as it was

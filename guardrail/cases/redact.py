@@ -18,9 +18,24 @@ def _blank_messages(request: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(messages, list):
         return request
     # Roles and the number of turns stay: they are shape, not content.
-    blanked = [{**message, "content": ""} if isinstance(message, dict) else message
+    blanked = [_blank_message(message) if isinstance(message, dict) else message
                for message in messages]
     return {**request, "messages": blanked}
+
+
+def _blank_message(message: dict[str, Any]) -> dict[str, Any]:
+    blanked = {**message, "content": ""}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):  # an assistant turn's calls: their arguments are content
+        blanked["tool_calls"] = _blank_arguments(calls)
+    return blanked
+
+
+def _blank_arguments(calls: list[Any]) -> list[Any]:
+    # The tool's name and the call's id stay (shape); the arguments are what the model wrote.
+    return [{**call, "function": {**call["function"], "arguments": ""}}
+            if isinstance(call, dict) and isinstance(call.get("function"), dict) else call
+            for call in calls]
 
 
 def _redact_request(case: Case) -> dict[str, Any]:
@@ -52,11 +67,7 @@ def _text(field: str) -> Callable[[Case], dict[str, Any]]:
 
 
 def _redact_tool_arguments(case: Case) -> dict[str, Any]:
-    # The tool's name and the call's id stay (shape); the arguments are what the model wrote.
-    return {"tool_calls": [
-        {**call, "function": {**call["function"], "arguments": ""}}
-        if isinstance(call.get("function"), dict) else call
-        for call in case.tool_calls]}
+    return {"tool_calls": _blank_arguments(case.tool_calls)}
 
 
 REDACTABLE: dict[str, Callable[[Case], dict[str, Any]]] = {

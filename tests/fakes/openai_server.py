@@ -18,8 +18,8 @@ API
                                   ``"inline_closing"`` (``R</think>A``: R1 templates open the
                                   block in the prompt), ``"none"`` (answer only);
     ``finish_reason``             (``"stop"``; ``"tool_calls"`` with ``tool_calls``);
-    ``tool_calls``                :class:`FakeToolCall` objects made after the answer's text, streamed
-                                  as OpenAI does: per call a first fragment with ``index``,
+    ``tool_calls``                :class:`FakeToolCall` objects made after the answer's text,
+                                  streamed as OpenAI does: per call a first fragment with ``index``,
                                   ``id``, ``type`` and ``function.name`` (``arguments: ""``),
                                   then the arguments in ``chunk_chars`` pieces, one call after
                                   the other (two or more are parallel calls); not streamed, the
