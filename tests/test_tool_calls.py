@@ -290,3 +290,19 @@ def test_old_case_records_read_without_tool_calls_and_redaction_blanks_arguments
         {"name": "get_weather", "arguments": ""}, {"name": "get_time", "arguments": ""}]
     assert [call["id"] for call in redacted.tool_calls] == ["call_weather_1", "call_time_2"]
     assert case.tool_calls == WHOLE  # the original is left as it was
+
+
+def test_mapper_reads_a_whole_messages_calls_and_rejects_calls_after_the_finish() -> None:
+    from guardrail.errors import UpstreamStreamBroken
+    from guardrail.events import ToolCallDelta
+    from guardrail.upstreams.chunks import ChunkMapper
+
+    # A server that answered without streaming: whole calls, no index (their place is it).
+    mapper = ChunkMapper()
+    events = mapper.feed({"id": "x", "choices": [{"index": 0, "delta": {
+        "role": "assistant", "content": None, "tool_calls": WHOLE},
+        "finish_reason": "tool_calls"}]})
+    calls = [event.data for event in events if isinstance(event, ToolCallDelta)]
+    assert calls == [{"index": index, **call} for index, call in enumerate(WHOLE)]
+    with pytest.raises(UpstreamStreamBroken, match=r"tool_calls holds a tool call after"):
+        mapper.feed({"choices": [{"index": 0, "delta": {"tool_calls": FRAGMENTS[:1]}}]})

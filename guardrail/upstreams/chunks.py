@@ -4,7 +4,8 @@ Shared by the upstreams that speak (or convert to) that shape. Reasoning may com
 ``delta.reasoning`` (vLLM), ``delta.reasoning_content`` (DeepSeek, LiteLLM, older vLLM, which
 for a while sent both with the same text: one is taken, never both), or inline in
 ``delta.content`` as ``<think>…</think>`` (no reasoning parser upstream), which goes through
-:class:`~guardrail.reasoning.InlineThinkParser`.
+:class:`~guardrail.reasoning.InlineThinkParser`. Tool-call fragments (``delta.tool_calls``) pass
+through as they were sent, one :class:`~guardrail.events.ToolCallDelta` each.
 """
 
 from __future__ import annotations
