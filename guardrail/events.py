@@ -36,6 +36,15 @@ class HeldResolved:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """One fragment of a tool call, exactly as the model sent it in ``delta.tool_calls``
+    (``index``, and on its first fragment ``id``, ``type`` and ``function.name``; then pieces
+    of ``function.arguments``). Forwarded in order with the text; not judged by the guard."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     """The model stopped: ``stop``, ``length``, ``tool_calls``, ``content_filter``."""
 
@@ -60,7 +69,8 @@ class ResponseMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-UpstreamEvent = TextDelta | HeldText | HeldResolved | Finish | Usage | ResponseMeta
+UpstreamEvent = (TextDelta | HeldText | HeldResolved | ToolCallDelta | Finish | Usage
+                 | ResponseMeta)
 
 
 @runtime_checkable

@@ -48,6 +48,7 @@ from guardrail.events import (
     HeldText,
     ResponseMeta,
     TextDelta,
+    ToolCallDelta,
     UpstreamEvent,
     Usage,
 )
@@ -55,6 +56,7 @@ from guardrail.guards.base import Guard, GuardView, Verdict
 from guardrail.metrics import Metrics
 from guardrail.step_checker import StepChecker, record_verdict
 from guardrail.steps import StepSplitter
+from guardrail.tool_calls import ToolCallAccumulator
 from guardrail.tracing import NO_SPAN, Attributes, Span
 from guardrail.upstreams.base import ChatRequest, Upstream
 from guardrail.views import build_view, request_text
@@ -73,7 +75,7 @@ def estimate_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
-OutputEvent = TextDelta | Finish | Usage | ResponseMeta
+OutputEvent = TextDelta | ToolCallDelta | Finish | Usage | ResponseMeta
 Ending = Literal["finished", "failed"]
 
 
@@ -104,7 +106,8 @@ class _End:
     pass
 
 
-_Item = _Step | _Chunk | _Failure | _End | HeldResolved | Finish | Usage | ResponseMeta
+_Item = (_Step | _Chunk | _Failure | _End | HeldResolved | ToolCallDelta | Finish | Usage
+         | ResponseMeta)
 
 
 class _Inbox:
@@ -174,6 +177,8 @@ class _Round:
     """Fast mode: steps released before their verdict, oldest first."""
     held_safe: list[_Step] = field(default_factory=list)
     """Held steps judged safe, waiting for their channel."""
+    held_tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    """Tool calls after held text: they go out after it, once its channel is known."""
     outcome: RoundOutcome | None = None
     producer: asyncio.Task[None] | None = None
     finish_reason: str | None = None
@@ -236,6 +241,7 @@ class GuardedStream:
         self._meta_sent = False
         self._round: _Round | None = None
         self._released: dict[Channel, list[str]] = {"reasoning": [], "answer": []}
+        self._tool_calls = ToolCallAccumulator()  # the tool calls the client was sent
         self._aborted: GuardrailError | None = None
         self._on_checking = on_checking
         self._on_end = on_end
@@ -344,6 +350,9 @@ class GuardedStream:
             return all(_judged_safe(step) for step in round_.judged_behind)
         if isinstance(item, ResponseMeta):
             return not self._meta_sent
+        if isinstance(item, ToolCallDelta):
+            return (not round_.held_safe and not round_.held_tool_calls
+                    and all(_judged_safe(step) for step in round_.judged_behind))
         return isinstance(item, Usage)
 
     # -- one round: the upstream's text, guarded ---------------------------------------------
@@ -377,6 +386,12 @@ class GuardedStream:
                     delta = self._resolve_held(item.channel, round_)
                     if delta is not None:
                         yield delta
+                    for call in self._release_held_tool_calls(round_):
+                        yield call
+                elif isinstance(item, ToolCallDelta):
+                    released = await self._release_tool_call(item, round_)
+                    if released is not None:
+                        yield released
                 elif isinstance(item, ResponseMeta):
                     if not self._meta_sent:
                         self._meta_sent = True
@@ -396,6 +411,9 @@ class GuardedStream:
                         delta = self._resolve_held("answer", round_)
                         if delta is not None:
                             yield delta
+                    if isinstance(round_.outcome, Completed):
+                        for call in self._release_held_tool_calls(round_):
+                            yield call
         finally:
             self._round = None
             self._stop_round(producer, round_)
@@ -429,6 +447,31 @@ class GuardedStream:
         self._note_released(item.delta)
         round_.released_chars += len(item.delta.text)
         return item.delta
+
+    async def _release_tool_call(self, call: ToolCallDelta, round_: _Round
+                                 ) -> ToolCallDelta | None:
+        """A tool call goes out once everything before it is: in strict mode the steps before
+        it were released before it came out of the inbox; in fast mode their verdicts are
+        awaited here, so a flag on the text before a call stops the call. Behind held text it
+        waits for that text's channel."""
+        if self._checking and not self._strict:
+            round_.outcome = await self._first_unsafe(round_.judged_behind)
+            if round_.outcome is not None:
+                return None
+        if round_.held_safe or round_.held_tool_calls:
+            round_.held_tool_calls.append(call)
+            return None
+        return self._note_tool_call(call)
+
+    def _release_held_tool_calls(self, round_: _Round) -> list[ToolCallDelta]:
+        if round_.held_safe:  # held text is still unresolved: the calls keep waiting behind it
+            return []
+        calls, round_.held_tool_calls = round_.held_tool_calls, []
+        return [self._note_tool_call(call) for call in calls]
+
+    def _note_tool_call(self, call: ToolCallDelta) -> ToolCallDelta:
+        self._tool_calls.add(call.data)
+        return call
 
     def _release(self, record: StepRecord, round_: _Round) -> TextDelta:
         record.released = True
@@ -482,6 +525,14 @@ class GuardedStream:
                                      held=True)
                     await self._await_verdicts(round_)
                 elif isinstance(event, HeldResolved):
+                    self._emit_steps(round_, "reasoning", round_.held_splitter.finish(),
+                                     held=True)
+                    round_.inbox.put_nowait(event)
+                elif isinstance(event, ToolCallDelta):
+                    # The text before a call is complete: it becomes steps now, to be judged
+                    # (and, in strict mode, released) before the call goes out.
+                    for channel, splitter in round_.splitters.items():
+                        self._emit_steps(round_, channel, splitter.finish())
                     self._emit_steps(round_, "reasoning", round_.held_splitter.finish(),
                                      held=True)
                     round_.inbox.put_nowait(event)
@@ -744,6 +795,7 @@ class GuardedStream:
         chunk by chunk: a long trace would cost quadratic copying (1.3 s at 64k chunks)."""
         self.case.client_reasoning = "".join(self._released["reasoning"])
         self.case.client_content = "".join(self._released["answer"])
+        self.case.tool_calls = self._tool_calls.calls()
 
 
 def _flag_cause(record: StepRecord, verdict: Verdict) -> str:

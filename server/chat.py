@@ -17,8 +17,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from guardrail.cases.model import Case
-from guardrail.events import Finish, ResponseMeta, TextDelta, Usage
+from guardrail.events import Finish, ResponseMeta, TextDelta, ToolCallDelta, Usage
 from guardrail.monitor import GuardedStream, OutputEvent
+from guardrail.tool_calls import ToolCallAccumulator
 from guardrail.upstreams.base import ChatRequest
 from server.backpressure import Refusal
 from server.case_lifecycle import CaseLifecycle
@@ -168,6 +169,8 @@ async def _sse_stream(
                 chunk = writer.text(event.channel, event.text)
                 if chunk is not None:
                     held += sse_event(chunk)
+            elif isinstance(event, ToolCallDelta):
+                held += sse_event(writer.tool_call(event.data))
             elif isinstance(event, Usage):
                 usage = event.data
             elif isinstance(event, Finish):
@@ -196,12 +199,15 @@ async def _complete(
 ) -> Response:
     reasoning: list[str] = []
     content: list[str] = []
+    tool_calls = ToolCallAccumulator()
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
     try:
         async for event in _prepend(first, lifecycle.events):
             if isinstance(event, TextDelta):
                 (reasoning if event.channel == "reasoning" else content).append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                tool_calls.add(event.data)
             elif isinstance(event, ResponseMeta):
                 _adopt_meta(writer, event)
             elif isinstance(event, Usage):
@@ -215,7 +221,8 @@ async def _complete(
         return guardrail_error_response(failure, headers=headers)
     await lifecycle.finish()
     body = completion_body(writer, reasoning="".join(reasoning), content="".join(content),
-                           finish_reason=finish_reason, usage=usage, case=lifecycle.case)
+                           finish_reason=finish_reason, usage=usage, case=lifecycle.case,
+                           tool_calls=tool_calls.calls())
     return JSONResponse(body, headers=headers)
 
 

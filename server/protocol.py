@@ -126,6 +126,10 @@ class ChunkWriter:
         fields = reasoning_fields(text, self.reasoning_field)
         return self.chunk(dict(fields)) if fields else None
 
+    def tool_call(self, fragment: dict[str, Any]) -> dict[str, Any]:
+        """One ``delta.tool_calls`` fragment, as the model sent it."""
+        return self.chunk({"tool_calls": [fragment]})
+
 
 def completion_body(
     writer: ChunkWriter,
@@ -135,8 +139,13 @@ def completion_body(
     finish_reason: str | None,
     usage: dict[str, Any] | None,
     case: Case,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
+    # As OpenAI answers: content null when the model only called tools.
+    message: dict[str, Any] = {"role": "assistant",
+                               "content": content if content or not tool_calls else None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     if reasoning:
         message.update(reasoning_fields(reasoning, writer.reasoning_field))
     body: dict[str, Any] = {

@@ -24,7 +24,11 @@ def sample_case() -> Case:
         model="fake-model",
         request={"model": "fake-model", "temperature": 0.2,
                  "messages": [{"role": "system", "content": "be kind " + SECRET},
-                              {"role": "user", "content": [{"type": "text", "text": SECRET}]}]},
+                              {"role": "user", "content": [{"type": "text", "text": SECRET}]},
+                              {"role": "assistant", "content": None, "tool_calls": [
+                                  {"id": "call_1", "type": "function", "function": {
+                                      "name": "lookup", "arguments": SECRET}}]},
+                              {"role": "tool", "tool_call_id": "call_1", "content": SECRET}]},
         steps=[StepRecord(index=0, channel="reasoning", text="step one " + SECRET, unsafe=False,
                           raw="safe " + SECRET, score=0.1),
                StepRecord(index=1, channel="reasoning", text="step two " + SECRET, unsafe=True,
@@ -32,6 +36,8 @@ def sample_case() -> Case:
         withheld="withheld " + SECRET,
         client_reasoning="seen reasoning " + SECRET,
         client_content="seen answer " + SECRET,
+        tool_calls=[{"id": "call_2", "type": "function",
+                     "function": {"name": "pay", "arguments": SECRET}}],
         action="intervened",
         flagged=[Flag(step=1, categories=["S9"], score=0.9)],
         corrections=[Correction(round=1, strategy="intervene", withheld="cut " + SECRET,
@@ -76,8 +82,12 @@ def test_each_name_blanks_only_its_field(name: str) -> None:
 def test_request_messages_keeps_roles_and_parameters() -> None:
     redacted = redact(sample_case(), ["request.messages"])
     assert redacted.request["temperature"] == 0.2
-    assert redacted.request["messages"] == [{"role": "system", "content": ""},
-                                            {"role": "user", "content": ""}]
+    assert redacted.request["messages"] == [
+        {"role": "system", "content": ""}, {"role": "user", "content": ""},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "lookup",
+                                                              "arguments": ""}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": ""}]
 
 
 def test_request_then_messages_compose() -> None:

@@ -107,6 +107,9 @@ class Case(BaseModel):
     """Model text the client never saw because a step was flagged (or judged after a flag)."""
     client_reasoning: str = ""
     client_content: str = ""
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    """The tool calls the client was sent, whole (``message.tool_calls`` form), as the model
+    made them; not judged. Absent from records written before it existed: empty."""
     action: Action = "pass"
     finish_reason: str | None = None
     flagged: list[Flag] = Field(default_factory=list)

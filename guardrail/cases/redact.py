@@ -18,9 +18,24 @@ def _blank_messages(request: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(messages, list):
         return request
     # Roles and the number of turns stay: they are shape, not content.
-    blanked = [{**message, "content": ""} if isinstance(message, dict) else message
+    blanked = [_blank_message(message) if isinstance(message, dict) else message
                for message in messages]
     return {**request, "messages": blanked}
+
+
+def _blank_message(message: dict[str, Any]) -> dict[str, Any]:
+    blanked = {**message, "content": ""}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):  # an assistant turn's calls: their arguments are content
+        blanked["tool_calls"] = _blank_arguments(calls)
+    return blanked
+
+
+def _blank_arguments(calls: list[Any]) -> list[Any]:
+    # The tool's name and the call's id stay (shape); the arguments are what the model wrote.
+    return [{**call, "function": {**call["function"], "arguments": ""}}
+            if isinstance(call, dict) and isinstance(call.get("function"), dict) else call
+            for call in calls]
 
 
 def _redact_request(case: Case) -> dict[str, Any]:
@@ -51,6 +66,10 @@ def _text(field: str) -> Callable[[Case], dict[str, Any]]:
     return apply
 
 
+def _redact_tool_arguments(case: Case) -> dict[str, Any]:
+    return {"tool_calls": _blank_arguments(case.tool_calls)}
+
+
 REDACTABLE: dict[str, Callable[[Case], dict[str, Any]]] = {
     "request": _redact_request,
     "request.messages": _redact_messages,
@@ -59,6 +78,7 @@ REDACTABLE: dict[str, Callable[[Case], dict[str, Any]]] = {
     "withheld": _text("withheld"),
     "client_reasoning": _text("client_reasoning"),
     "client_content": _text("client_content"),
+    "tool_calls.arguments": _redact_tool_arguments,
     "corrections.withheld": _corrections("withheld"),
     "corrections.inserted": _corrections("inserted"),
     "corrections.continuation": _corrections("continuation"),

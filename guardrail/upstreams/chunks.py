@@ -4,7 +4,8 @@ Shared by the upstreams that speak (or convert to) that shape. Reasoning may com
 ``delta.reasoning`` (vLLM), ``delta.reasoning_content`` (DeepSeek, LiteLLM, older vLLM, which
 for a while sent both with the same text: one is taken, never both), or inline in
 ``delta.content`` as ``<think>…</think>`` (no reasoning parser upstream), which goes through
-:class:`~guardrail.reasoning.InlineThinkParser`.
+:class:`~guardrail.reasoning.InlineThinkParser`. Tool-call fragments (``delta.tool_calls``) pass
+through as they were sent, one :class:`~guardrail.events.ToolCallDelta` each.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import math
 from typing import Any
 
 from guardrail.errors import UpstreamStreamBroken
-from guardrail.events import Finish, ResponseMeta, TextDelta, UpstreamEvent, Usage
+from guardrail.events import (
+    Finish,
+    ResponseMeta,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamEvent,
+    Usage,
+)
 from guardrail.reasoning import InlineThinkParser, ThinkStart
 
 _KNOWN_TOP_LEVEL = frozenset(
@@ -138,6 +146,9 @@ class ChunkMapper:
                 if self.finished:
                     raise _after_finish(position, "content")
                 events.extend(self._parser.feed(content))
+            tool_calls = delta.get("tool_calls")
+            if tool_calls is not None:
+                events.extend(_tool_calls(tool_calls, position, self.finished))
         elif delta is not None:
             raise _malformed(f"choices[{position}].delta", delta, "an object")
         elif choice.get("message") is not None:
@@ -194,11 +205,30 @@ def _text(value: Any, position: int, field: str, *, answer: bool) -> str:
     return "".join(texts)
 
 
+def _tool_calls(value: Any, position: int, finished: bool) -> list[UpstreamEvent]:
+    """``delta.tool_calls`` as sent. A whole message's calls (a server that did not stream)
+    carry no ``index``: their place in the list is their index."""
+    path = f"choices[{position}].delta.tool_calls"
+    if value.__class__ is not list:
+        raise _malformed(path, value, "a list")
+    events: list[UpstreamEvent] = []
+    for number, call in enumerate(value):
+        if call.__class__ is not dict:
+            raise _malformed(f"{path}[{number}]", call, "an object")
+        index = call.get("index", number)
+        if index.__class__ is not int:
+            raise _malformed(f"{path}[{number}].index", index, "an integer")
+        if finished:
+            raise _after_finish(position, "tool_calls")
+        events.append(ToolCallDelta(call if "index" in call else {"index": index, **call}))
+    return events
+
+
 def _after_finish(position: int, field: str) -> UpstreamStreamBroken:
     # The response, finish reason and all, may already be out: the text has nowhere to go.
     return UpstreamStreamBroken(
-        f"upstream sent a malformed chunk: choices[{position}].delta.{field} holds text after "
-        "the finish_reason")
+        f"upstream sent a malformed chunk: choices[{position}].delta.{field} holds "
+        f"{'a tool call' if field == 'tool_calls' else 'text'} after the finish_reason")
 
 
 def _malformed(path: str, value: Any, wanted: str) -> UpstreamStreamBroken:

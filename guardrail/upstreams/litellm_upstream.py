@@ -97,13 +97,17 @@ def _chunk_as_dict(chunk: Any) -> dict[str, Any]:
     choices: list[dict[str, Any]] = []
     for choice in getattr(chunk, "choices", None) or []:
         delta = getattr(choice, "delta", None)
+        fields: dict[str, Any] = {
+            "content": getattr(delta, "content", None),
+            "reasoning_content": getattr(delta, "reasoning_content", None),
+        }
+        tool_calls = getattr(delta, "tool_calls", None)
+        if tool_calls:
+            fields["tool_calls"] = [_plain(call) for call in tool_calls]
         choices.append({
             "index": getattr(choice, "index", 0) or 0,
             "finish_reason": getattr(choice, "finish_reason", None),
-            "delta": {
-                "content": getattr(delta, "content", None),
-                "reasoning_content": getattr(delta, "reasoning_content", None),
-            },
+            "delta": fields,
         })
     result: dict[str, Any] = {
         "id": getattr(chunk, "id", None),
@@ -122,6 +126,17 @@ def _chunk_as_dict(chunk: Any) -> dict[str, Any]:
         # chunk of it, with an id of its own that must not stand in for the server's.
         return {}
     return result
+
+
+def _plain(value: Any) -> Any:
+    """A LiteLLM object as plain JSON values. Its fields the server left out come back as
+    None (``id`` and ``function.name`` on every fragment after the first): dropped, so the
+    client gets the fragment as the server sent it."""
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(exclude_none=True)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items() if item is not None}
+    return value
 
 
 async def _close_quietly(client: Any) -> None:

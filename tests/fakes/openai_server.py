@@ -17,7 +17,13 @@ API
                                   rename), ``"inline"`` (``<think>R</think>A`` in content),
                                   ``"inline_closing"`` (``R</think>A``: R1 templates open the
                                   block in the prompt), ``"none"`` (answer only);
-    ``finish_reason``             (``"stop"``);
+    ``finish_reason``             (``"stop"``; ``"tool_calls"`` with ``tool_calls``);
+    ``tool_calls``                :class:`FakeToolCall` objects made after the answer's text,
+                                  streamed as OpenAI does: per call a first fragment with ``index``,
+                                  ``id``, ``type`` and ``function.name`` (``arguments: ""``),
+                                  then the arguments in ``chunk_chars`` pieces, one call after
+                                  the other (two or more are parallel calls); not streamed, the
+                                  whole calls in ``message.tool_calls``;
     ``chunk_chars``               characters per streamed delta (4; tags get split);
     ``chunk_delay_s``             sleep between events (0), for cancellation tests;
     ``die_after_chunks``          send that many ``data:`` events, then die: ``die_mode="reset"``
@@ -90,6 +96,25 @@ DEFAULT_ANSWER = "2 + 2 = 4."
 
 
 @dataclass(frozen=True)
+class FakeToolCall:
+    id: str
+    name: str
+    arguments: str
+
+    def whole(self) -> dict[str, Any]:
+        """As a non-streamed ``message.tool_calls`` item holds it."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+    def fragments(self, index: int, size: int) -> list[dict[str, Any]]:
+        """The ``delta.tool_calls`` items that stream it."""
+        return [{"index": index, "id": self.id, "type": "function",
+                 "function": {"name": self.name, "arguments": ""}},
+                *({"index": index, "function": {"arguments": piece}}
+                  for piece in _pieces(self.arguments, size))]
+
+
+@dataclass(frozen=True)
 class FakeReply:
     reasoning: str = DEFAULT_REASONING
     answer: str = DEFAULT_ANSWER
@@ -107,6 +132,7 @@ class FakeReply:
     http_status: int | None = None
     error_message: str = "simulated upstream error"
     chunks: tuple[Any, ...] | None = None
+    tool_calls: tuple[FakeToolCall, ...] = ()
 
 
 @dataclass
@@ -337,7 +363,8 @@ def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
 
 
 def _completion_body(reply: FakeReply, body: dict[str, Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": reply.answer, "tool_calls": []}
+    message: dict[str, Any] = {"role": "assistant", "content": reply.answer,
+                               "tool_calls": [call.whole() for call in reply.tool_calls]}
     fmt = reply.reasoning_format
     if fmt in ("reasoning", "both"):
         message["reasoning"] = reply.reasoning
@@ -404,6 +431,9 @@ class _Stream:
             content = f"{reply.reasoning}</think>{reply.answer}"
         events.extend(self._chunk({"content": piece})
                       for piece in _pieces(content, reply.chunk_chars))
+        events.extend(self._chunk({"tool_calls": [fragment]})
+                      for index, call in enumerate(reply.tool_calls)
+                      for fragment in call.fragments(index, reply.chunk_chars))
         events.append(self._chunk({"content": ""}, reply.finish_reason))
         options = self.body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
