@@ -5,7 +5,6 @@ within one check timeout, over a bounded pool of kept-alive connections, and, wi
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,10 +48,8 @@ async def checker_for(fake: FakeLlamaGuard, **options: Any) -> AsyncIterator[Ste
             await guard.aclose()
 
 
-async def burst(checker: StepChecker) -> tuple[list[Verdict], float]:
-    started = time.perf_counter()
-    verdicts = await asyncio.gather(*(checker.check(view) for view in views()))
-    return verdicts, time.perf_counter() - started
+async def burst(checker: StepChecker) -> list[Verdict]:
+    return await asyncio.gather(*(checker.check(view) for view in views()))
 
 
 def assert_judged(verdicts: list[Verdict]) -> None:
@@ -60,19 +57,19 @@ def assert_judged(verdicts: list[Verdict]) -> None:
     assert [verdict.unsafe for verdict in verdicts] == [index % 10 == 3
                                                         for index in range(BURST)]
     assert all(verdict.categories == ("S9",) for verdict in verdicts if verdict.unsafe)
-    assert all(verdict.latency_s < TIMEOUT_S for verdict in verdicts)
 
 
-async def test_a_burst_over_a_small_pool_finishes_within_one_check_timeout() -> None:
-    # 150 checks, 32 connections, 0.2 s an answer: five rounds of the pool, 1 s in all; each
-    # check's one timeout (1.5 s) covers its wait for a connection and its request together.
+async def test_a_burst_over_a_small_pool_is_judged_without_a_timeout() -> None:
+    # 150 checks, 32 connections, 0.2 s an answer: five rounds of the pool, about 1 s in all.
+    # No check times out (its 1.5 s counts its request, its wait for a connection only up to
+    # guard.max_queue_wait_s); how long the burst takes is a benchmark's business
+    # (benchmarks/guard_client_cpu.py, benchmarks/load.py), not a timed assertion here.
     fake = FakeLlamaGuard(delay_s=DELAY_S)
     async with checker_for(fake, max_connections=32) as checker:
-        verdicts, elapsed = await burst(checker)
+        verdicts = await burst(checker)
     assert_judged(verdicts)
     assert len(fake.requests) == BURST
     assert fake.max_in_flight <= 32  # the pool bounds what the server is asked at once
-    assert elapsed < TIMEOUT_S
     # Kept alive: 150 requests over at most 32 connections (client ports), not one each.
     assert len(set(fake.client_ports)) <= 32
 
@@ -80,7 +77,7 @@ async def test_a_burst_over_a_small_pool_finishes_within_one_check_timeout() -> 
 async def test_completions_batch_sends_several_checks_per_request() -> None:
     fake = FakeLlamaGuard(delay_s=DELAY_S)
     async with checker_for(fake, completions_batch=16, max_connections=4) as checker:
-        verdicts, elapsed = await burst(checker)
+        verdicts = await burst(checker)
     assert_judged(verdicts)
     # 4 connections x 16 prompts: 150 checks in 10 full requests at best; the first few go
     # before the whole burst has arrived, so a few more.
@@ -88,7 +85,6 @@ async def test_completions_batch_sends_several_checks_per_request() -> None:
     assert sum(len(body["prompt"]) for body in fake.requests) == BURST
     assert len(fake.requests) <= BURST // 8, [len(body["prompt"]) for body in fake.requests]
     assert max(len(body["prompt"]) for body in fake.requests) == 16
-    assert elapsed < TIMEOUT_S
 
 
 async def test_a_lone_check_is_not_held_back_for_a_batch() -> None:
