@@ -143,14 +143,16 @@ class FakeLlamaGuard:
                 return
             await asyncio.sleep(0.02)
 
-    async def _chat(self, request: Request) -> Response:
+    async def _receive(self, request: Request) -> tuple[Any, Response | None]:
+        """What both routes do first: the key, the JSON body (recorded), the asked-for hang and
+        delay, the asked-for failure. The body, and the response that ends the request early."""
         expected = f"Bearer {self.api_key}"
         if self.api_key is not None and request.headers.get("authorization") != expected:
-            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+            return None, JSONResponse({"error": "Unauthorized"}, status_code=401)
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "BadRequestError", "request body is not valid JSON")
+            return None, _error(400, "BadRequestError", "request body is not valid JSON")
         if self.keep_requests:
             self.requests.append(body)
             self.headers.append({key.lower(): value for key, value in request.headers.items()})
@@ -158,8 +160,14 @@ class FakeLlamaGuard:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.status is not None:
-            return _error(self.status, "InternalServerError" if self.status >= 500
-                          else "BadRequestError", "fake failure")
+            return body, _error(self.status, "InternalServerError" if self.status >= 500
+                                else "BadRequestError", "fake failure")
+        return body, None
+
+    async def _chat(self, request: Request) -> Response:
+        body, early = await self._receive(request)
+        if early is not None:
+            return early
         if self.not_json:
             return PlainTextResponse("<html>502 Bad Gateway</html>", status_code=200)
         if not isinstance(body, dict):
@@ -179,22 +187,9 @@ class FakeLlamaGuard:
     async def _completions(self, request: Request) -> Response:
         """vLLM's ``/v1/completions``: ``prompt`` a string or a list; one choice per prompt, in
         order, each with its ``index`` and completions-shaped logprobs."""
-        expected = f"Bearer {self.api_key}"
-        if self.api_key is not None and request.headers.get("authorization") != expected:
-            return JSONResponse({"error": "Unauthorized"}, status_code=401)
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "BadRequestError", "request body is not valid JSON")
-        if self.keep_requests:
-            self.requests.append(body)
-            self.headers.append({key.lower(): value for key, value in request.headers.items()})
-        await self._hang_if_asked(request, body)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        if self.status is not None:
-            return _error(self.status, "InternalServerError" if self.status >= 500
-                          else "BadRequestError", "fake failure")
+        body, early = await self._receive(request)
+        if early is not None:
+            return early
         if not isinstance(body, dict):
             return _error(400, "BadRequestError", "request body must be an object")
         if body.get("model", self.served_model) != self.served_model:
